@@ -1,0 +1,192 @@
+"""Flash-decoding attention (fp and int8 KV) against torch's scaled_dot_product_attention in fp64.
+
+On CPU the Triton launchers run in the Triton interpreter (small shapes); on CUDA they run compiled, and the
+``cuda``-marked tests add Whisper large-v3 shapes (20 heads of 64, self-KV 448, cross-KV 1500 frames).
+
+Tolerances: fp32 within atol = rtol = 1e-5 of the fp64 result. fp16/bf16: the kernel's max error against
+the fp64 result is at most twice the error of PyTorch's own SDPA run in that dtype on the same inputs;
+under the interpreter bf16 also gets one bf16 ulp of max |result| (its numpy emulation truncates
+fp32 -> bf16 where the GPU rounds to nearest even). int8 KV: the same rules, with the dequantised cache
+(``k_int8 * k_scale``) as the exact input.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from turboformer.kernels import KernelInputError, poison_buffers, utils
+from turboformer.kernels.decode_attention import decode_attention_ref, decode_attention_triton, quantize_kv
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def assert_close_to_gold(out, gold, torch_lowp):
+    """The tolerance rule of this file's docstring; ``gold`` is fp64, ``torch_lowp`` PyTorch's op in out's dtype."""
+    assert not out.isnan().any(), "kernel left NaN (unwritten or poisoned) elements"
+    if out.dtype == torch.float32:
+        torch.testing.assert_close(out.double(), gold, atol=1e-5, rtol=1e-5)
+        return
+    err = (out.double() - gold).abs().max().item()
+    bound = 2 * (torch_lowp.double() - gold).abs().max().item() + 1e-6
+    if out.dtype == torch.bfloat16 and utils.interpreting():
+        bound += gold.abs().max().item() * 2**-7
+    assert err <= bound, f"{out.dtype}: max error {err:.3g} > bound {bound:.3g}"
+
+
+def sdpa(q, k, v, lengths, scale):
+    """torch SDPA for one query row per (batch, head), keys ``s < lengths[b]`` attended."""
+    mask = None
+    if lengths is not None:
+        keep = torch.arange(k.shape[2], device=k.device) < lengths[:, None]  # [B, S]
+        mask = keep[:, None, None, :]
+    return F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, scale=scale)[:, :, 0]
+
+
+def make_cache(b, h, s, d, dtype, layout):
+    """K and V ``[B, H, S, D]`` views: 'contiguous'; 'capacity' (first S rows of a longer cache, as the
+    self-attention cache during decoding); 'bshd' (a [B, S, H, D] buffer transposed: S-stride = H * D)."""
+    if layout == "contiguous":
+        return [torch.randn(b, h, s, d, device=DEVICE).to(dtype) for _ in range(2)]
+    if layout == "capacity":
+        return [torch.randn(b, h, s + 19, d, device=DEVICE).to(dtype)[:, :, :s] for _ in range(2)]
+    return [torch.randn(b, s, h, d, device=DEVICE).to(dtype).transpose(1, 2) for _ in range(2)]
+
+
+def make_query(b, h, d, dtype):
+    """q as the query third of a fused [B, H, 3 * D] projection: strides (3HD, 3D, 1)."""
+    return torch.randn(b, h, 3 * d, device=DEVICE).to(dtype)[..., :d]
+
+
+def make_lengths(b, s, kind):
+    if kind == "none":
+        return None
+    if kind == "full":
+        return torch.full((b,), s, dtype=torch.int32, device=DEVICE)
+    lengths = torch.randint(1, s + 1, (b,), dtype=torch.int32, device=DEVICE)
+    lengths[0] = 1
+    lengths[-1] = s
+    return lengths
+
+
+# (B, H, S, D, cache layout, lengths, num_splits (None: the launcher's choice), block_s)
+CASES = [
+    (1, 2, 37, 64, "contiguous", "none", None, None),
+    (3, 2, 100, 64, "capacity", "random", 3, None),
+    (3, 2, 70, 80, "bshd", "random", 8, 16),
+    (1, 3, 130, 128, "contiguous", "full", None, None),
+    (2, 2, 45, 32, "capacity", "random", 1, 32),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b,h,s,d,layout,lengths_kind,num_splits,block_s", CASES)
+def test_decode_attention(b, h, s, d, layout, lengths_kind, num_splits, block_s, dtype):
+    q = make_query(b, h, d, dtype)
+    k, v = make_cache(b, h, s, d, dtype, layout)
+    lengths = make_lengths(b, s, lengths_kind)
+    scale = 0.7 / math.sqrt(d)
+    gold = sdpa(q.double(), k.double(), v.double(), lengths, scale)
+    torch_lowp = sdpa(q, k, v, lengths, scale)
+    with poison_buffers():
+        out = decode_attention_triton(q, k, v, lengths, scale, num_splits=num_splits, block_s=block_s)
+    assert out.shape == (b, h, d) and out.dtype == dtype
+    assert_close_to_gold(out, gold, torch_lowp)
+    assert_close_to_gold(decode_attention_ref(q, k, v, lengths, scale), gold, torch_lowp)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b,h,s,d,layout,lengths_kind,num_splits,block_s", CASES[1:3])
+def test_decode_attention_int8_kv(b, h, s, d, layout, lengths_kind, num_splits, block_s, dtype):
+    q = make_query(b, h, d, dtype)
+    k, v = make_cache(b, h, s, d, dtype, layout)
+    (k8, k_scale), (v8, v_scale) = quantize_kv(k), quantize_kv(v)
+    lengths = make_lengths(b, s, lengths_kind)
+    k_deq, v_deq = k8.double() * k_scale.double(), v8.double() * v_scale.double()
+    gold = sdpa(q.double(), k_deq, v_deq, lengths, None)
+    torch_lowp = sdpa(q, k_deq.to(dtype), v_deq.to(dtype), lengths, None)
+    with poison_buffers():
+        out = decode_attention_triton(
+            q, k8, v8, lengths, k_scale=k_scale, v_scale=v_scale, num_splits=num_splits, block_s=block_s
+        )
+    assert_close_to_gold(out, gold, torch_lowp)
+    assert_close_to_gold(decode_attention_ref(q, k8, v8, lengths, k_scale=k_scale, v_scale=v_scale), gold, torch_lowp)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quantize_kv(dtype):
+    x = (torch.randn(2, 3, 50, 16, device=DEVICE) * torch.rand(1, 1, 1, 16, device=DEVICE) * 4).to(dtype)
+    x[0, 1, :, 5] = 0  # an all-zero channel
+    x8, scale = quantize_kv(x)
+    assert x8.dtype == torch.int8 and x8.shape == x.shape
+    assert scale.dtype == torch.float32 and scale.shape == (2, 3, 1, 16)
+    amax = x.double().abs().amax(dim=2, keepdim=True)
+    nonzero = amax > 0
+    torch.testing.assert_close(scale.double()[nonzero], amax[nonzero] / 127)
+    assert x8.abs().max() <= 127 and (x8[0, 1, :, 5] == 0).all()
+    # symmetric round-to-nearest: every element within half a step, and each channel's max hits +-127
+    assert ((x8.double() * scale.double() - x.double()).abs() <= scale.double() * (0.5 + 1e-5)).all()
+    assert (x8.abs().amax(dim=2) == 127)[nonzero[:, :, 0]].all()
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's 0 / 0
+def test_lengths_past_the_cache_act_as_full_and_zero_gives_nan():
+    q = make_query(2, 2, 32, torch.float32)
+    k, v = make_cache(2, 2, 40, 32, torch.float32, "contiguous")
+    full = decode_attention_triton(q, k, v, None, num_splits=3)
+    long = torch.tensor([45, 1000], dtype=torch.int32, device=DEVICE)
+    torch.testing.assert_close(decode_attention_triton(q, k, v, long, num_splits=3), full)
+    torch.testing.assert_close(decode_attention_ref(q, k, v, long), full)
+    zero = torch.tensor([0, 40], dtype=torch.int64, device=DEVICE)  # no keys for sequence 0: undefined
+    for out in (decode_attention_triton(q, k, v, zero, num_splits=3), decode_attention_ref(q, k, v, zero)):
+        assert out[0].isnan().all() and not out[1].isnan().any()
+
+
+def test_bad_inputs_raise():
+    q = make_query(2, 2, 32, torch.float16)
+    k, v = make_cache(2, 2, 40, 32, torch.float16, "contiguous")
+    k8, k_scale = quantize_kv(k)
+    v8, v_scale = quantize_kv(v)
+    cases = [
+        ((q, k[:, :1], v), {}, "k and v must both be"),
+        ((q, k, v.float()), {}, "share a dtype"),
+        ((q, k, v, torch.ones(2, device=DEVICE)), {}, "lengths must be int32/int64"),
+        ((q, k8, v8), {}, "int8 k/v need k_scale"),
+        ((q, k8, v8), {"k_scale": k_scale, "v_scale": v_scale[:, :, :, :16]}, "int8 k/v need v_scale"),
+        ((q, k, v), {"k_scale": k_scale, "v_scale": v_scale}, "only for int8"),
+        ((q[0], k, v), {}, "expected q"),
+    ]
+    for args, kwargs, message in cases:
+        for fn in (decode_attention_triton, decode_attention_ref):
+            with pytest.raises(KernelInputError, match=message):
+                fn(*args, **kwargs)
+    with pytest.raises(KernelInputError, match="block_s"):
+        decode_attention_triton(q, k, v, block_s=24)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 16, 64])
+def test_whisper_large_v3_shapes(batch, dtype):
+    heads, dim = 20, 64
+    q = make_query(batch, heads, dim, dtype)
+    # self-attention: a 448-slot cache, partly filled
+    k, v = make_cache(batch, heads, 448, dim, dtype, "capacity")
+    lengths = make_lengths(batch, 448, "random")
+    gold = sdpa(q.double(), k.double(), v.double(), lengths, None)
+    with poison_buffers():
+        assert_close_to_gold(decode_attention_triton(q, k, v, lengths), gold, sdpa(q, k, v, lengths, None))
+    # cross-attention: 1500 encoder frames, fp and int8
+    k, v = make_cache(batch, heads, 1500, dim, dtype, "contiguous")
+    gold = sdpa(q.double(), k.double(), v.double(), None, None)
+    with poison_buffers():
+        assert_close_to_gold(decode_attention_triton(q, k, v), gold, sdpa(q, k, v, None, None))
+    (k8, k_scale), (v8, v_scale) = quantize_kv(k), quantize_kv(v)
+    k_deq, v_deq = k8.double() * k_scale.double(), v8.double() * v_scale.double()
+    gold = sdpa(q.double(), k_deq, v_deq, None, None)
+    with poison_buffers():
+        out = decode_attention_triton(q, k8, v8, k_scale=k_scale, v_scale=v_scale)
+    assert_close_to_gold(out, gold, sdpa(q, k_deq.to(dtype), v_deq.to(dtype), None, None))

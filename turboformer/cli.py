@@ -1,0 +1,177 @@
+"""The ``turboformer`` command: transcribe | recognize | translate | segment."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+FAMILY_COMMANDS = (  # modules that add their own sub-command with add_parser(subparsers)
+    "turboformer.models.conformer.cli",
+    "turboformer.models.lite_transformer.cli",
+    "turboformer.models.sam.cli",
+)
+
+DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+
+
+def _formats(value: str) -> list[str]:
+    from turboformer.writers import FORMATS
+
+    formats = list(FORMATS) if value == "all" else [f.strip() for f in value.split(",") if f.strip()]
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise argparse.ArgumentTypeError(f"unknown output format(s) {unknown}; choose from {', '.join(FORMATS)} or all")
+    return formats
+
+
+def _optional_float(value: str) -> float | None:
+    return None if value.lower() == "none" else float(value)
+
+
+def _bool(value: str) -> bool:
+    if value.lower() in ("true", "1", "yes"):
+        return True
+    if value.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def add_transcribe_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "transcribe",
+        help="transcribe speech with Whisper",
+        description="Transcribe audio or video files with Whisper. Files that cannot be read are reported "
+        "one line each; the others are still transcribed, and the exit status is 1 if any failed.",
+    )
+    p.add_argument("audio", nargs="+", help="audio or video files (any format FFmpeg reads; .raw/.pcm = s16le)")
+    p.add_argument("--model", default="tiny.en", help="bundled name (tiny.en, base) or checkpoint path: "
+                   "CTranslate2 dir, Hugging Face dir or openai-whisper .pt (default: tiny.en)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="default: float16 on cuda, float32 on cpu")
+    p.add_argument("--output-format", "-f", type=_formats, default=["txt"], help="txt,srt,vtt,json,tsv or all")
+    p.add_argument("--output-dir", "-o", default=".", help="where to write the transcripts (default: .)")
+    p.add_argument("--language", default=None, help="language code; default: detect (multilingual models)")
+    p.add_argument("--task", choices=("transcribe", "translate"), default="transcribe")
+    p.add_argument("--temperature", type=float, default=0.0, help="first sampling temperature")
+    p.add_argument("--temperature-increment-on-fallback", type=_optional_float, default=0.2,
+                   help="step of the fallback ladder up to 1.0 (none: no fallback)")
+    p.add_argument("--beam-size", type=int, default=None, help="beam search width (default: greedy)")
+    p.add_argument("--best-of", type=int, default=None, help="samples per fallback temperature > 0")
+    p.add_argument("--patience", type=float, default=None)
+    p.add_argument("--length-penalty", type=float, default=None)
+    p.add_argument("--initial-prompt", default=None)
+    p.add_argument("--condition-on-previous-text", type=_bool, default=True)
+    p.add_argument("--no-speech-threshold", type=_optional_float, default=0.6)
+    p.add_argument("--logprob-threshold", type=_optional_float, default=-1.0)
+    p.add_argument("--compression-ratio-threshold", type=_optional_float, default=2.4)
+    p.add_argument("--without-timestamps", action="store_true", help="decode text only (one segment per window)")
+    p.add_argument("--batch-size", type=int, default=8, help="files decoded together (default: 8)")
+    p.add_argument("--raw-sample-rate", type=int, default=None, help="sample rate of headerless s16le input")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    p.set_defaults(func=run_transcribe)
+
+
+def _temperatures(args) -> tuple[float, ...]:
+    if args.temperature_increment_on_fallback is None:
+        return (args.temperature,)
+    steps, t = [], args.temperature
+    while t <= 1.0 + 1e-6:
+        steps.append(round(t, 6))
+        t += args.temperature_increment_on_fallback
+    return tuple(steps) or (args.temperature,)
+
+
+def run_transcribe(args) -> int:
+    import torch
+
+    from turboformer.audio import AudioError, load_audio
+    from turboformer.models.whisper.load import CheckpointError
+    from turboformer.models.whisper.pipeline import WhisperModel
+    from turboformer.models.whisper.tokenizer import TokenizerError
+    from turboformer.models.whisper.transcribe import TranscribeOptions, transcribe_batch
+    from turboformer.writers import write_result
+
+    if args.batch_size < 1:
+        print("error: --batch-size must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        options = TranscribeOptions(
+            task=args.task,
+            language=args.language,
+            temperature=_temperatures(args),
+            compression_ratio_threshold=args.compression_ratio_threshold,
+            logprob_threshold=args.logprob_threshold,
+            no_speech_threshold=args.no_speech_threshold,
+            condition_on_previous_text=args.condition_on_previous_text,
+            initial_prompt=args.initial_prompt,
+            beam_size=args.beam_size,
+            best_of=args.best_of,
+            patience=args.patience,
+            length_penalty=args.length_penalty,
+            without_timestamps=args.without_timestamps,
+            batch_size=args.batch_size,
+        )
+        options.decoding(args.language).validate()
+        dtype = getattr(torch, args.dtype) if args.dtype else None
+        model = WhisperModel.from_pretrained(args.model, device=args.device, dtype=dtype)
+    except (CheckpointError, TokenizerError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    failed = 0
+    arrays, names = [], []
+    for path in args.audio:
+        try:
+            audio = load_audio(path, raw_sample_rate=args.raw_sample_rate)
+        except AudioError as e:
+            print(f"error: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        arrays.append(audio)
+        names.append(path)
+    try:
+        results = transcribe_batch(model.engine, model.tokenizer, arrays, options, names, progress=not args.quiet)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for result in results:
+        write_result(result, args.output_dir, Path(result.source).stem, args.output_format)
+        if not args.quiet:
+            print(f"{result.source}: {result.text.strip()}")
+    return 1 if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from turboformer import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="turboformer",
+        description="Fast, faithful inference for Whisper, WeNet Conformer, Lite Transformer and Segment Anything.",
+    )
+    parser.add_argument("--version", action="version", version=f"turboformer {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_transcribe_parser(subparsers)
+    for module in FAMILY_COMMANDS:
+        try:
+            family = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name and module.startswith(e.name):  # family not part of this build
+                continue
+            raise
+        family.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""Triton kernels of the Whisper GPU engine, one op per file.
+
+Each op file holds its ``@triton.jit`` kernel(s), the launcher ``<op>_triton`` (CUDA tensors, or CPU tensors
+under ``TRITON_INTERPRET=1``), the plain PyTorch reference ``<op>_ref`` (fp32 math) and the dispatcher
+``<op>``, which runs the launcher on CUDA and the reference everywhere else.
+
+The reference path can be forced everywhere, for A/B checks of a whole model::
+
+    with turboformer.kernels.use_reference():
+        logits = model(tokens)
+
+or for a whole process with the environment variable ``TURBOFORMER_KERNELS=reference``. Triton itself is
+optional: without it (``triton_available()`` is False) every dispatcher uses the reference.
+
+Import ops from their files (``from turboformer.kernels.layer_norm import add_layer_norm``): this package
+re-exports only the switch, so each op's name keeps naming its module.
+
+| file | ops |
+| --- | --- |
+| ``layer_norm.py`` | ``layer_norm``, ``add_layer_norm`` (residual add + LayerNorm) |
+| ``bias_gelu.py`` | ``bias_gelu`` (bias add + exact GELU) |
+| ``decode_attention.py`` | ``decode_attention`` (flash-decoding, fp or int8 KV), ``quantize_kv`` |
+| ``int8_linear.py`` | ``int8_linear`` (weight-only int8), ``quantize_weight`` |
+"""
+
+from turboformer.kernels.utils import (
+    KernelInputError,
+    TritonUnavailableError,
+    poison_buffers,
+    reference_forced,
+    triton_available,
+    use_reference,
+)
+
+__all__ = [
+    "KernelInputError",
+    "TritonUnavailableError",
+    "poison_buffers",
+    "reference_forced",
+    "triton_available",
+    "use_reference",
+]

@@ -1,0 +1,198 @@
+"""SAM image encoder: a ViTDet-style ViT with windowed/global attention and a convolutional neck.
+
+Kirillov et al., "Segment Anything" (arXiv 2304.02643), Appendix A; the backbone is the plain ViT of
+ViTDet (Li et al., arXiv 2203.16527): 14 x 14 windowed attention in most blocks, global attention in
+four, and decomposed relative positions in every attention (MViTv2, arXiv 2112.01526, Sec. 4.1).
+
+A 1024 x 1024 image becomes a 64 x 64 grid of tokens; the neck maps it to a ``[B, 256, 64, 64]``
+image embedding. All attention maths goes through :func:`attention_with_rel_pos`, the single place a
+fused kernel (flash attention with the rel-pos bias added per tile) replaces the reference.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import SamConfig
+from .layers import FeedForward, LayerNorm2d
+
+
+def relative_position_index(size: int, device: torch.device) -> torch.Tensor:
+    """``[size, size]`` table of ``q - k + size - 1``: the row of a rel-pos table for each (q, k) pair.
+
+    SAM always attends within equal query and key grids, so this is the whole of upstream's
+    ``get_rel_pos`` (its interpolation branch only runs when a table has the wrong length, which the
+    loader rejects instead).
+    """
+    coords = torch.arange(size, device=device)
+    return coords[:, None] - coords[None, :] + (size - 1)
+
+
+def decomposed_rel_pos(
+    q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, grid: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decomposed relative-position terms of MViTv2 (arXiv 2112.01526, Eq. 4).
+
+    The bias of query (qh, qw) on key (kh, kw) is ``q . Rh[qh - kh] + q . Rw[qw - kw]``; it is
+    returned as its two factors so a kernel can add them per tile without building ``[N, N]``.
+
+    Args:
+        q: queries, ``[B * heads, H * W, D]`` (unscaled).
+        rel_pos_h, rel_pos_w: tables ``[2H - 1, D]`` and ``[2W - 1, D]``.
+        grid: ``(H, W)``, the token grid the queries and keys lie on.
+
+    Returns:
+        ``rel_h`` ``[B * heads, H, W, H]`` (indexed by key row) and ``rel_w`` ``[B * heads, H, W, W]``
+        (indexed by key column).
+    """
+    h, w = grid
+    r_h = rel_pos_h[relative_position_index(h, q.device)]  # [H(q), H(k), D]
+    r_w = rel_pos_w[relative_position_index(w, q.device)]  # [W(q), W(k), D]
+    r_q = q.reshape(q.shape[0], h, w, q.shape[-1])  # [BH, H, W, D]
+    rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, r_h)
+    rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, r_w)
+    return rel_h, rel_w
+
+
+def attention_with_rel_pos(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor
+) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(D) + rel_h + rel_w) v``: the reference the fused kernel must match.
+
+    Args:
+        q, k, v: ``[BH, N, D]`` with ``N = H * W``.
+        rel_h: ``[BH, H, W, H]``, broadcast over key columns.
+        rel_w: ``[BH, H, W, W]``, broadcast over key rows.
+
+    Returns:
+        ``[BH, N, D]``.
+    """
+    bh, n, d = q.shape
+    h, w = rel_h.shape[1], rel_h.shape[2]
+    attn = (q * d**-0.5) @ k.transpose(-2, -1)  # [BH, N, N]
+    attn = attn.view(bh, h, w, h, w) + rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]
+    attn = attn.view(bh, n, n).softmax(dim=-1)
+    return attn @ v
+
+
+class RelPosAttention(nn.Module):
+    """Multi-head self-attention over a ``grid x grid`` token square with decomposed rel-pos bias."""
+
+    def __init__(self, dim: int, num_heads: int, grid: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.rel_pos_h = nn.Parameter(torch.zeros(2 * grid - 1, head_dim))
+        self.rel_pos_w = nn.Parameter(torch.zeros(2 * grid - 1, head_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: ``[B, H, W, C]`` (H = W = grid) -> ``[B, H, W, C]``."""
+        b, h, w, _ = x.shape
+        # [B, HW, 3, heads, D] -> [3, B, heads, HW, D] -> three [B * heads, HW, D]
+        qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.reshape(3, b * self.num_heads, h * w, -1).unbind(0)
+        rel_h, rel_w = decomposed_rel_pos(q, self.rel_pos_h, self.rel_pos_w, (h, w))
+        x = attention_with_rel_pos(q, k, v, rel_h, rel_w)  # [B * heads, HW, D]
+        x = x.view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
+        return self.proj(x)
+
+
+def window_partition(x: torch.Tensor, window: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Split ``[B, H, W, C]`` into ``[B * nWindows, window, window, C]``, zero-padding H and W up to a
+    multiple of ``window`` (64 -> 70 for SAM's 14-token windows). Also returns the padded ``(Hp, Wp)``."""
+    b, h, w, c = x.shape
+    pad_h = (window - h % window) % window
+    pad_w = (window - w % window) % window
+    if pad_h or pad_w:
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    hp, wp = h + pad_h, w + pad_w
+    x = x.view(b, hp // window, window, wp // window, window, c)
+    windows = x.permute(0, 1, 3, 2, 4, 5).contiguous().view(-1, window, window, c)
+    return windows, (hp, wp)
+
+
+def window_unpartition(
+    windows: torch.Tensor, window: int, padded_hw: tuple[int, int], hw: tuple[int, int]
+) -> torch.Tensor:
+    """Inverse of :func:`window_partition`: ``[B * nWindows, window, window, C]`` -> ``[B, H, W, C]``."""
+    hp, wp = padded_hw
+    h, w = hw
+    b = windows.shape[0] // (hp * wp // window // window)
+    x = windows.view(b, hp // window, wp // window, window, window, -1)
+    x = x.permute(0, 1, 3, 2, 4, 5).contiguous().view(b, hp, wp, -1)
+    if hp > h or wp > w:
+        x = x[:, :h, :w, :].contiguous()
+    return x
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm ViT block; attention runs in ``window x window`` squares, or globally if window is 0."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_dim: int, window: int, grid: int) -> None:
+        super().__init__()
+        self.window = window
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = RelPosAttention(dim, num_heads, window if window > 0 else grid)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = FeedForward(dim, mlp_dim, nn.GELU)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: ``[B, H, W, C]`` -> ``[B, H, W, C]``."""
+        shortcut = x
+        x = self.norm1(x)
+        if self.window > 0:
+            h, w = x.shape[1], x.shape[2]
+            x, padded_hw = window_partition(x, self.window)  # [B * nW, win, win, C]
+            x = self.attn(x)
+            x = window_unpartition(x, self.window, padded_hw, (h, w))
+        else:
+            x = self.attn(x)
+        x = shortcut + x
+        return x + self.mlp(self.norm2(x))
+
+
+class Neck(nn.Module):
+    """1x1 conv to the prompt width, LayerNorm2d, 3x3 conv, LayerNorm2d (no biases)."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_dim, out_dim, kernel_size=1, bias=False)
+        self.norm1 = LayerNorm2d(out_dim)
+        self.conv2 = nn.Conv2d(out_dim, out_dim, kernel_size=3, padding=1, bias=False)
+        self.norm2 = LayerNorm2d(out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: ``[B, C_in, H, W]`` -> ``[B, C_out, H, W]``."""
+        return self.norm2(self.conv2(self.norm1(self.conv1(x))))
+
+
+class ImageEncoder(nn.Module):
+    """ViT image encoder: ``[B, 3, S, S]`` normalised pixels -> ``[B, prompt_dim, S / 16, S / 16]``."""
+
+    def __init__(self, config: SamConfig) -> None:
+        super().__init__()
+        dim, grid = config.encoder_embed_dim, config.image_embedding_size
+        self.image_size = config.image_size
+        self.patch_embed = nn.Conv2d(3, dim, kernel_size=config.patch_size, stride=config.patch_size)
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, dim))  # absolute, learned
+        self.blocks = nn.ModuleList(
+            EncoderBlock(
+                dim,
+                config.encoder_num_heads,
+                config.encoder_mlp_dim,
+                window=0 if i in config.encoder_global_attn_indexes else config.encoder_window_size,
+                grid=grid,
+            )
+            for i in range(config.encoder_depth)
+        )
+        self.neck = Neck(dim, config.prompt_embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: ``[B, 3, S, S]`` -> ``[B, prompt_dim, S / 16, S / 16]``."""
+        x = self.patch_embed(x).permute(0, 2, 3, 1)  # [B, 64, 64, C]
+        x = x + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        return self.neck(x.permute(0, 3, 1, 2))  # [B, 256, 64, 64]

@@ -1,0 +1,56 @@
+"""Small layers shared by the SAM encoder, prompt encoder and mask decoder."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channels of a ``[B, C, H, W]`` map (ConvNeXt, arXiv 2201.03545).
+
+    Written out (mean, variance, rsqrt) in the same order as upstream SAM so the fp32 path is bit-exact
+    with it; ``F.layer_norm`` on a permuted view computes the same maths in another order.
+    """
+
+    def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: ``[B, C, H, W]`` -> ``[B, C, H, W]``."""
+        mean = x.mean(1, keepdim=True)  # [B, 1, H, W]
+        var = (x - mean).pow(2).mean(1, keepdim=True)  # biased variance, [B, 1, H, W]
+        x = (x - mean) / torch.sqrt(var + self.eps)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+class FeedForward(nn.Module):
+    """Two linear layers with an activation between them (the transformer MLP block)."""
+
+    def __init__(self, dim: int, hidden_dim: int, activation: type[nn.Module]) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = activation()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: ``[..., dim]`` -> ``[..., dim]``."""
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class MLP(nn.Module):
+    """``num_layers`` linear layers with ReLU between them (MaskFormer's prediction heads)."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int) -> None:
+        super().__init__()
+        dims_in = [input_dim] + [hidden_dim] * (num_layers - 1)
+        dims_out = [hidden_dim] * (num_layers - 1) + [output_dim]
+        self.layers = nn.ModuleList(nn.Linear(n, k) for n, k in zip(dims_in, dims_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: ``[..., input_dim]`` -> ``[..., output_dim]``."""
+        for layer in self.layers[:-1]:
+            x = F.relu(layer(x))
+        return self.layers[-1](x)

@@ -1,0 +1,86 @@
+"""SAM mask decoder: a two-way transformer, a 4x upscaler and per-token hypernetwork heads.
+
+Kirillov et al., "Segment Anything" (arXiv 2304.02643), Sec. 3 and Appendix A. Learned output tokens
+(one IoU token, ``1 + num_multimask_outputs`` mask tokens) are prepended to the sparse prompt tokens.
+After the transformer, the image tokens are upscaled 4x (64 -> 256) to 32 channels; each mask token
+goes through its own 3-layer MLP to 32 weights, and a mask is the dot product of those weights with
+every upscaled pixel. The IoU token predicts each mask's quality.
+
+Mask 0 is the single-mask output; masks 1..3 are the three "multimask" outputs for ambiguous prompts.
+"""
+
+import torch
+from torch import nn
+
+from .config import SamConfig
+from .layers import MLP, LayerNorm2d
+from .transformer import TwoWayTransformer
+
+
+class Upscaler(nn.Module):
+    """``[B, C, h, w]`` -> ``[B, C / 8, 4h, 4w]``: two stride-2 transposed convolutions."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.conv1 = nn.ConvTranspose2d(dim, dim // 4, kernel_size=2, stride=2)
+        self.norm = LayerNorm2d(dim // 4)
+        self.conv2 = nn.ConvTranspose2d(dim // 4, dim // 8, kernel_size=2, stride=2)
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: ``[B, C, h, w]`` -> ``[B, C / 8, 4h, 4w]``."""
+        return self.act(self.conv2(self.act(self.norm(self.conv1(x)))))
+
+
+class MaskDecoder(nn.Module):
+    """Image embedding + prompt embeddings -> low-resolution mask logits and IoU predictions."""
+
+    def __init__(self, config: SamConfig) -> None:
+        super().__init__()
+        dim = config.prompt_embed_dim
+        self.num_mask_tokens = config.num_multimask_outputs + 1
+        self.output_tokens = nn.Parameter(torch.randn(1 + self.num_mask_tokens, dim))  # IoU, then masks
+        self.transformer = TwoWayTransformer(config)
+        self.upscale = Upscaler(dim)
+        self.hypernet_mlps = nn.ModuleList(MLP(dim, dim, dim // 8, 3) for _ in range(self.num_mask_tokens))
+        self.iou_head = MLP(dim, config.iou_head_hidden_dim, self.num_mask_tokens, config.iou_head_depth)
+
+    def forward(
+        self,
+        image_embedding: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse: torch.Tensor,
+        dense: torch.Tensor,
+        multimask_output: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predict masks for a batch of prompts on one image.
+
+        Args:
+            image_embedding: ``[1, C, 64, 64]`` from the image encoder.
+            image_pe: ``[1, C, 64, 64]`` position encoding of that grid.
+            sparse: ``[B, N, C]`` point/box tokens.
+            dense: ``[B, C, 64, 64]`` mask-prompt (or no-mask) embedding.
+            multimask_output: return the three multimask outputs instead of the single mask.
+
+        Returns:
+            low-resolution mask logits ``[B, M, 256, 256]`` and IoU predictions ``[B, M]``, with
+            ``M`` = 3 if ``multimask_output`` else 1.
+        """
+        batch = sparse.shape[0]
+        tokens = torch.cat([self.output_tokens.unsqueeze(0).expand(batch, -1, -1), sparse], dim=1)
+        src = image_embedding + dense  # [B, C, 64, 64]
+        pos = image_pe.expand(batch, -1, -1, -1)
+        b, c, h, w = src.shape
+
+        hs, src = self.transformer(src, pos, tokens)  # [B, Nt, C], [B, hw, C]
+        iou_token = hs[:, 0, :]
+        mask_tokens = hs[:, 1 : 1 + self.num_mask_tokens, :]  # [B, 4, C]
+
+        upscaled = self.upscale(src.transpose(1, 2).view(b, c, h, w))  # [B, C / 8, 256, 256]
+        hyper_in = torch.stack([mlp(mask_tokens[:, i, :]) for i, mlp in enumerate(self.hypernet_mlps)], dim=1)
+        b, c, h, w = upscaled.shape
+        masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)  # [B, 4, 256, 256]
+        iou_pred = self.iou_head(iou_token)  # [B, 4]
+
+        selected = slice(1, None) if multimask_output else slice(0, 1)
+        return masks[:, selected], iou_pred[:, selected]
