@@ -18,11 +18,14 @@ import os
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from functools import lru_cache
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
-import av
 import numpy as np
 import torch
+
+if TYPE_CHECKING:  # PyAV is imported where a file is decoded, so array-only use needs no FFmpeg
+    import av  # noqa: PLC0415 (lazy: FFmpeg only where a file is decoded)
+
 import torch.nn.functional as F
 
 SAMPLE_RATE = 16000  # Hz: every model here consumes 16 kHz mono
@@ -127,6 +130,8 @@ def _check_rate(what: str, rate: int) -> None:
 
 def _decode_raw(data: bytes, raw_rate: int, out_rate: int, name: str) -> np.ndarray:
     """Headerless s16le mono PCM bytes -> ``[n]`` float32 at ``out_rate``."""
+    import av  # noqa: PLC0415 (lazy: FFmpeg only where a file is decoded)
+
     if len(data) % 2:
         raise AudioError(
             f"cannot load audio from {name}: raw s16le PCM needs an even number of bytes, got {len(data)} "
@@ -145,6 +150,7 @@ def _decode_raw(data: bytes, raw_rate: int, out_rate: int, name: str) -> np.ndar
 
 def _decode_container(file: BinaryIO, out_rate: int, name: str) -> np.ndarray:
     """Demux and decode the first audio stream of ``file`` -> ``[n]`` float32 at ``out_rate``."""
+    import av  # noqa: PLC0415 (lazy: FFmpeg only where a file is decoded)
 
     def fail(cause: str) -> AudioError:
         return AudioError(f"cannot load audio from {name}: {' '.join(cause.split())}")
@@ -199,6 +205,8 @@ def _resample(frames: Iterable[av.AudioFrame], out_rate: int) -> np.ndarray:
     (stereo -> (L + R) / 2); for float output it would otherwise keep the unnormalised sqrt(1/2) (L + R),
     which leaves [-1, 1]. A stream whose format, layout or rate changes midway gets a new resampler.
     """
+    import av  # noqa: PLC0415 (lazy: FFmpeg only where a file is decoded)
+
     chunks = []  # [1, n_i] float32 each
     resampler, setup = None, None
     for frame in frames:
@@ -221,6 +229,8 @@ def _declared_duration_s(
     container: av.container.InputContainer, stream: av.AudioStream, file: BinaryIO
 ) -> float | None:
     """Length of ``stream`` in seconds as the file's header states it; None where no exact length is stated."""
+    import av  # noqa: PLC0415 (lazy: FFmpeg only where a file is decoded)
+
     wav = _wav_declared_duration_s(file)
     if wav is not None:  # FFmpeg clamps a WAV's duration to the bytes present, so its header is read here
         return wav

@@ -50,6 +50,8 @@ def add_transcribe_parser(subparsers) -> None:
                    "CTranslate2 dir, Hugging Face dir or openai-whisper .pt (default: tiny.en)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default: float16 on cuda, float32 on cpu")
+    p.add_argument("--quantize", choices=("int8",), default=None,
+                   help="int8: weight-only int8 decoder linears and int8 cross-attention K/V (cuda)")
     p.add_argument("--output-format", "-f", type=_formats, default=["txt"], help="txt,srt,vtt,json,tsv or all")
     p.add_argument("--output-dir", "-o", default=".", help="where to write the transcripts (default: .)")
     p.add_argument("--language", default=None, help="language code; default: detect (multilingual models)")
@@ -115,7 +117,7 @@ def run_transcribe(args) -> int:
         )
         options.decoding(args.language).validate()
         dtype = getattr(torch, args.dtype) if args.dtype else None
-        model = WhisperModel.from_pretrained(args.model, device=args.device, dtype=dtype)
+        model = WhisperModel.from_pretrained(args.model, device=args.device, dtype=dtype, quantize=args.quantize)
     except (CheckpointError, TokenizerError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -55,12 +55,14 @@ def check(name: str, out: torch.Tensor, ref: torch.Tensor, atol: float, rtol: fl
         sys.exit(f"{name}: output differs from the reference (max abs error {err:.3g}); not timing it")
 
 
-def row(case: dict, nbytes: int, times_us: dict[str, float]) -> dict:
-    """One result row: the case, the bytes model, each variant's time and GB/s, and speed-ups of 'triton'."""
+def row(case: dict, nbytes: int, times_us: dict[str, float], other_bytes: dict[str, int] | None = None) -> dict:
+    """One result row: the case, the bytes model of our op, each variant's time and GB/s, and speed-ups of
+    'triton'. ``other_bytes`` gives the bytes of variants that move a different amount (an fp16 weight or
+    cache where ours reads int8); the others are counted with ``nbytes``."""
     out = dict(case, mbytes=round(nbytes / 1e6, 3))
     for variant, t in times_us.items():
         out[f"{variant}_us"] = round(t, 2)
-        out[f"{variant}_GBps"] = round(nbytes / t / 1e3, 1)
+        out[f"{variant}_GBps"] = round((other_bytes or {}).get(variant, nbytes) / t / 1e3, 1)
     for variant, t in times_us.items():
         if variant != "triton":
             out[f"speedup_vs_{variant}"] = round(t / times_us["triton"], 2)

@@ -4,7 +4,8 @@ Cases: self-attention over a 448-slot cache (all 448 keys valid: the last, longe
 over 1500 encoder frames, fp16/bf16 and int8 KV, batch 1/16/64. Variants: ``triton`` (ours), ``ref`` (the
 PyTorch reference, fp32 math) and ``sdpa`` (the obvious alternative: ``F.scaled_dot_product_attention``
 with one query row, on the fp16/bf16 cache even in the int8 case, which is what int8 replaces). Bytes model:
-K and V read once at their storage width (int8: 1 byte + fp32 scales), q read and out written once.
+K and V read once at their storage width (int8: 1 byte + fp32 scales), q read and out written once; SDPA's
+GB/s counts the fp16/bf16 cache it reads.
 
 Run on a CUDA machine: ``python benchmarks/kernels/bench_decode_attention.py``.
 """
@@ -44,16 +45,26 @@ def main() -> None:
                 check(f"decode_attention {kind}", out, ref, 1e-2, 1e-2)
                 kv_bytes = 2 * k.numel() * k.element_size() + (0 if k_scale is None else 2 * 4 * k_scale.numel())
                 nbytes = kv_bytes + 2 * q.numel() * q.element_size()
+                sdpa_bytes = 2 * (k_fp.numel() + q.numel()) * q.element_size()  # the fp16/bf16 cache
+                # Each variant takes one make_inputs() set: (q, k, v, k_scale, v_scale, k_fp, v_fp).
                 variants = {
-                    "triton": lambda q, k, v, ks, vs, kf, vf: decode_attention_triton(q, k, v, lengths, k_scale=ks, v_scale=vs),
-                    "ref": lambda q, k, v, ks, vs, kf, vf: decode_attention_ref(q, k, v, lengths, k_scale=ks, v_scale=vs),
-                    "sdpa": lambda q, k, v, ks, vs, kf, vf: F.scaled_dot_product_attention(q[:, :, None], kf, vf, attn_mask=mask),
+                    "triton": lambda q, k, v, ks, vs, _kf, _vf: decode_attention_triton(
+                        q, k, v, lengths, k_scale=ks, v_scale=vs
+                    ),
+                    "ref": lambda q, k, v, ks, vs, _kf, _vf: decode_attention_ref(
+                        q, k, v, lengths, k_scale=ks, v_scale=vs
+                    ),
+                    "sdpa": lambda q, _k, _v, _ks, _vs, kf, vf: F.scaled_dot_product_attention(
+                        q[:, :, None], kf, vf, attn_mask=mask
+                    ),
                 }
                 times = {name: time_us(fn, make_inputs, nbytes) for name, fn in variants.items()}
                 case = {"kind": kind, "dtype": str(dtype).removeprefix("torch."), "B": batch, "H": HEADS, "S": seq}
-                rows.append(row(case, nbytes, times))
+                rows.append(row(case, nbytes, times, {"sdpa": sdpa_bytes}))
     write_results(
-        "decode_attention", rows, "sdpa = F.scaled_dot_product_attention on the fp16/bf16 cache (also for int8 rows)."
+        "decode_attention",
+        rows,
+        "sdpa = F.scaled_dot_product_attention on the fp16/bf16 cache, also for int8 rows; its GB/s counts that cache.",
     )
 
 

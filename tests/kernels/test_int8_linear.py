@@ -7,8 +7,9 @@ On CPU the Triton launchers run in the Triton interpreter (small shapes); on CUD
 Tolerances, every dtype: the kernel's max error against the fp64 result is at most twice the error of
 PyTorch's own ``F.linear`` in that dtype with the weight dequantised to that dtype (fp32 too: a K-long fp32
 sum carries an error that grows with K and with cancellation, which a fixed tolerance would not track; fp32
-also gets 8 fp32 ulps of max |result|, as at small K both errors are a few ulps and their ratio is noise); under the interpreter bf16 also gets one bf16 ulp of max |result| (its numpy
-emulation truncates fp32 -> bf16 where the GPU rounds to nearest even).
+also gets 8 fp32 ulps of max |result|, as at small K both errors are a few ulps and their ratio is noise);
+under the interpreter bf16 also gets one bf16 ulp of max |result| (its numpy emulation truncates
+fp32 -> bf16 where the GPU rounds to nearest even).
 """
 
 import pytest

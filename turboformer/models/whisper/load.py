@@ -179,6 +179,17 @@ def apply_name_map(
     return state
 
 
+def export_state_dict(state: dict[str, torch.Tensor], name_map: dict[str, list[str | None]]) -> dict[str, torch.Tensor]:
+    """The inverse of ``apply_name_map``: split our fused tensors back into another format's names."""
+    out = {}
+    for ours, sources in name_map.items():
+        parts = state[ours].chunk(len(sources), dim=0) if len(sources) > 1 else [state[ours]]
+        for source, part in zip(sources, parts):
+            if source is not None:
+                out[source] = part.clone()
+    return out
+
+
 # ------------------------------------------------------------------ CTranslate2 model.bin ------------------
 
 CT2_DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16, 5: None}  # 5: bfloat16

@@ -13,6 +13,7 @@ import torch
 from turboformer.audio import load_audio
 from turboformer.models.whisper.config import WHISPER_CONFIGS
 from turboformer.models.whisper.engine import EagerEngine
+from turboformer.models.whisper.graph_engine import EngineOptions, GraphEngine
 from turboformer.models.whisper.load import Checkpoint, CheckpointError, load_ctranslate2, read_checkpoint
 from turboformer.models.whisper.model import Whisper
 from turboformer.models.whisper.tokenizer import TokenizerError, WhisperTokenizer
@@ -84,24 +85,45 @@ def default_device() -> str:
 class WhisperModel:
     """A loaded Whisper: engine + tokenizer. ``transcribe`` takes paths, bytes or 16 kHz float32 arrays."""
 
-    def __init__(self, model: Whisper, tokenizer: WhisperTokenizer, name: str = ""):
+    def __init__(self, model: Whisper, tokenizer: WhisperTokenizer, name: str = "", engine=None):
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.config = model.config
-        self.engine = EagerEngine(model)
+        self.engine = engine or EagerEngine(model)
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: Checkpoint, device: str | None = None, dtype: torch.dtype | None = None):
+    def from_checkpoint(
+        cls,
+        checkpoint: Checkpoint,
+        device: str | None = None,
+        dtype: torch.dtype | None = None,
+        quantize: str | None = None,
+        engine_options: EngineOptions | None = None,
+    ):
+        """Build the engine: the CUDA-graph engine on a GPU, the eager engine on the CPU.
+
+        dtype defaults to float16 on CUDA and float32 on CPU; quantize="int8" (CUDA) stores the decoder's
+        linear weights and the cross-attention keys/values as int8.
+        """
         device = device or default_device()
-        dtype = dtype or (torch.float16 if str(device).startswith("cuda") else torch.float32)
+        cuda = str(device).startswith("cuda")
+        if cuda and not torch.cuda.is_available():
+            raise ValueError("device cuda was asked for, but PyTorch sees no CUDA GPU")
+        dtype = dtype or (torch.float16 if cuda else torch.float32)
+        if quantize is not None and not cuda:
+            raise ValueError("quantize='int8' needs the GPU engine (--device cuda)")
         with torch.device("meta"):
             model = Whisper(checkpoint.config)
         model.load_state_dict(checkpoint.state_dict, assign=True, strict=True)
-        model = model.to(device=device, dtype=dtype).eval()
-        return cls(model, _tokenizer_for(checkpoint), str(checkpoint.path))
+        tokenizer = _tokenizer_for(checkpoint)
+        if not cuda:
+            return cls(model.to(device=device, dtype=dtype).eval(), tokenizer, str(checkpoint.path))
+        options = engine_options or EngineOptions(dtype=dtype, quantize=quantize)
+        engine = GraphEngine(model, options, device)
+        return cls(engine.model, tokenizer, str(checkpoint.path), engine)
 
     @classmethod
-    def from_pretrained(cls, model: str | os.PathLike = DEFAULT_MODEL, device: str | None = None, dtype=None):
-        return cls.from_checkpoint(resolve_checkpoint(model), device, dtype)
+    def from_pretrained(cls, model: str | os.PathLike = DEFAULT_MODEL, device: str | None = None, dtype=None, quantize=None):
+        return cls.from_checkpoint(resolve_checkpoint(model), device, dtype, quantize)
 
     @property
     def multilingual(self) -> bool:

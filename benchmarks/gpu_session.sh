@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One call on the GPU machine: environment, CUDA tests, benchmarks. Results and logs go to $OUT.
+#   STAGE=1: bench the small models;  STAGE=2: CUDA tests with the real tiny.en + bench large-v3.
+# The real tiny.en weights (75 MB) exceed one call's upload, so they travel in two halves through the ignored
+# .gpudata/ folder and are joined in .gpucache/ (kept on the warm machine between the two calls).
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv
+python3 -c "import pytest" 2>/dev/null || { python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site; }
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+mkdir -p .gpucache
+KEEP=/root/turboformer-carry  # outside the working tree, which each call lays anew
+mkdir -p $KEEP
+if [ "${STAGE:-1}" = 1 ]; then
+  cp .gpudata/tiny_a.bin $KEEP/
+  python3 benchmarks/bench_whisper.py --models ${MODELS:-tiny base small large-v3 large-v3-turbo} --out "$OUT/results" --name ${NAME:-whisper} 2>&1 | tee "$OUT/bench1.log"
+else
+  mkdir -p .gpucache/tiny.en
+  cat $KEEP/tiny_a.bin .gpudata/tiny_b.bin > .gpucache/tiny.en/model.bin
+  cp .gpudata/config.json .gpudata/tokenizer.json .gpudata/vocabulary.txt .gpucache/tiny.en/
+  export TURBOFORMER_SPEECH_DIR=$PWD/.gpudata/speech TURBOFORMER_TINY_EN_DIR=$PWD/.gpucache/tiny.en
+  python3 -m pytest -p no:cacheprovider -q -rs -s tests/models/whisper/test_graph_engine.py tests/kernels 2>&1 | tee "$OUT/pytest_gpu.log" | grep -v "^\.*$" | tail -30
+  python3 benchmarks/profile_decode_step.py --model large-v3 --batch 1 2>&1 | tee "$OUT/profile.log" | tail -32
+fi

@@ -1,0 +1,277 @@
+"""The GPU engine: converted weights, static caches for declared batch buckets, the decode step as a CUDA graph.
+
+Built once from a ``Whisper`` module (``build`` below): weights move to the device in fp16/bf16 (or weight-only
+INT8 for the decoder's linear layers), caches are allocated for the largest bucket and every bucket's decode
+step is captured as a CUDA graph that reads and writes static buffers. A decode step of large-v3 at batch 1 is
+~1,100 kernel launches' worth of work for ~1.85 GB of bytes; replaying it as one graph removes the launch
+gaps, so the step runs at the speed of its memory traffic.
+
+The step (per layer, one token per row, all rows at their own positions):
+    h = LN(x); q,k,v = h @ Wqkv        -> k, v written to the self cache at column pos[b]
+    a = decode_attention(q, K[:, :, :pos+1], V[...])             (Triton, split over keys)
+    x, h = x + a @ Wo, LN(.)            (fused residual + LayerNorm, Triton)
+    a = decode_attention(h @ Wq, K_cross, V_cross)              (1500 frames; int8 optional)
+    x, h = x + a @ Wo', LN(.)
+    x, h = x + GELU(h @ W1 + b1) @ W2, LN_next(.)               (bias + GELU fused, Triton)
+    logits = h @ E^T                    (fp32 out)
+Unlike the eager engine, rows are not left-padded here: row b's token goes to cache column ``pos[b]`` and
+attends to columns ``< pos[b] + 1``, so the prefill right-aligns the padded prompts it receives.
+
+Where CUDA is absent (or ``cuda_graphs=False``) the same step runs eagerly and the kernels dispatch to their
+PyTorch references: that is how CPU tests check this engine's logic against the eager engine.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from turboformer.kernels.bias_gelu import bias_gelu
+from turboformer.kernels.decode_attention import decode_attention, quantize_kv
+from turboformer.kernels.layer_norm import add_layer_norm, layer_norm
+from turboformer.models.whisper.model import Whisper, merge_heads, split_heads
+from turboformer.nn.linear import PackedLinear
+from turboformer.runtime.cuda_graphs import DEFAULT_BUCKETS, GraphedStep, bucket_for
+
+QUANTIZE = (None, "int8")
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    dtype: torch.dtype = torch.float16  # or torch.bfloat16 (torch.float32 for CPU logic tests)
+    quantize: str | None = None  # "int8": weight-only int8 decoder linears + int8 cross-attention K/V
+    buckets: tuple[int, ...] = DEFAULT_BUCKETS  # batch sizes (rows = files x beams) captured as graphs
+    cuda_graphs: bool = True  # False: run the same step eagerly
+
+    def validate(self) -> None:
+        if self.quantize not in QUANTIZE:
+            raise ValueError(f"quantize must be one of {QUANTIZE}, got {self.quantize!r}")
+        if self.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"dtype must be float16, bfloat16 or float32, got {self.dtype}")
+        if not self.buckets or min(self.buckets) < 1:
+            raise ValueError(f"buckets must be positive batch sizes, got {self.buckets}")
+
+
+@dataclass
+class _Layer:
+    """One decoder layer's converted weights."""
+
+    attn_ln: tuple[torch.Tensor, torch.Tensor]
+    qkv: PackedLinear
+    out: PackedLinear
+    cross_ln: tuple[torch.Tensor, torch.Tensor]
+    cross_q: PackedLinear
+    cross_kv: PackedLinear
+    cross_out: PackedLinear
+    mlp_ln: tuple[torch.Tensor, torch.Tensor]
+    fc1: PackedLinear  # without bias: the bias is added by the fused bias + GELU kernel
+    fc1_bias: torch.Tensor
+    fc2: PackedLinear
+
+
+def _ln(module, dtype):
+    return module.weight.detach().to(dtype).contiguous(), module.bias.detach().to(dtype).contiguous()
+
+
+class GraphEngine:
+    """Implements the engine protocol of ``engine.py`` with static buffers and graphed decode steps."""
+
+    def __init__(self, model: Whisper, options: EngineOptions = EngineOptions(), device: str | torch.device = "cuda"):
+        options.validate()
+        started = time.perf_counter()
+        self.options, self.config = options, model.config
+        self.device = torch.device(device)
+        self.dtype = options.dtype
+        dtype, int8 = options.dtype, options.quantize == "int8"
+        self.model = model.to(self.device, dtype).eval()  # the encoder and the prefill run through the module
+        decoder = self.model.decoder
+        self.layers = [
+            _Layer(
+                attn_ln=_ln(b.attn_ln, dtype),
+                qkv=PackedLinear.of(b.attn.qkv, dtype, int8),
+                out=PackedLinear.of(b.attn.out, dtype, int8),
+                cross_ln=_ln(b.cross_attn_ln, dtype),
+                cross_q=PackedLinear.of(b.cross_attn.q, dtype, int8),
+                cross_kv=PackedLinear.of(b.cross_attn.kv, dtype, False),  # once per window: keep it exact
+                cross_out=PackedLinear.of(b.cross_attn.out, dtype, int8),
+                mlp_ln=_ln(b.mlp_ln, dtype),
+                fc1=PackedLinear.of(b.mlp[0], dtype, int8, with_bias=False),
+                fc1_bias=b.mlp[0].bias.detach().to(dtype).contiguous(),
+                fc2=PackedLinear.of(b.mlp[2], dtype, int8),
+            )
+            for b in decoder.blocks
+        ]
+        self.final_ln = _ln(decoder.ln, dtype)
+        self.embedding = decoder.token_embedding.weight.detach()  # [V, C], also the output projection
+        self.positions = decoder.positional_embedding.detach()  # [n_text_ctx, C]
+
+        # static caches for the largest bucket; bucket b uses rows [:b]
+        cfg = self.config
+        self.heads, self.head_dim = cfg.n_text_head, cfg.n_text_state // cfg.n_text_head
+        rows = self.max_rows = max(options.buckets)
+        self_shape = (cfg.n_text_layer, rows, self.heads, cfg.n_text_ctx, self.head_dim)
+        cross_shape = (cfg.n_text_layer, rows, self.heads, cfg.n_audio_ctx, self.head_dim)
+        self.self_k = torch.zeros(self_shape, dtype=dtype, device=self.device)
+        self.self_v = torch.zeros(self_shape, dtype=dtype, device=self.device)
+        cross_dtype = torch.int8 if int8 else dtype
+        self.cross_k = torch.zeros(cross_shape, dtype=cross_dtype, device=self.device)
+        self.cross_v = torch.zeros(cross_shape, dtype=cross_dtype, device=self.device)
+        scale_shape = (cfg.n_text_layer, rows, self.heads, 1, self.head_dim)
+        self.cross_k_scale = torch.ones(scale_shape, device=self.device) if int8 else None
+        self.cross_v_scale = torch.ones(scale_shape, device=self.device) if int8 else None
+
+        # static step inputs and outputs
+        self.tokens = torch.zeros(rows, dtype=torch.long, device=self.device)
+        self.pos = torch.zeros(rows, dtype=torch.long, device=self.device)
+        self.logits = torch.zeros(rows, cfg.n_vocab, dtype=torch.float32, device=self.device)
+        # greedy feedback (benchmarks, text-only decoding): suppression added to the logits, history of tokens
+        self.suppress = torch.zeros(cfg.n_vocab, dtype=torch.float32, device=self.device)
+        self.history = torch.zeros(rows, cfg.n_text_ctx + 1, dtype=torch.long, device=self.device)
+        self.rows, self.bucket, self.pads = 0, min(options.buckets), None
+
+        graphs = options.cuda_graphs and self.device.type == "cuda"
+        self.step_graph = GraphedStep(self._step, options.buckets, graphs)
+        self.greedy_graph = GraphedStep(self._greedy_step, options.buckets, graphs)
+        self.build_seconds = time.perf_counter() - started
+
+    # ------------------------------------------------------------------ the captured step --------------
+
+    def _decode(self, b: int) -> None:
+        """One token for rows [:b] from self.tokens/self.pos into self.logits (all static buffers)."""
+        tokens, pos = self.tokens[:b], self.pos[:b]
+        lengths = (pos + 1).to(torch.int32)  # keys attended: columns 0..pos
+        rows = torch.arange(b, device=self.device)
+        x = (self.embedding[tokens] + self.positions[pos]).to(self.dtype)  # [b, C]
+        h = layer_norm(x, *self.layers[0].attn_ln)
+        for i, layer in enumerate(self.layers):
+            q, k, v = layer.qkv(h).view(b, 3, self.heads, self.head_dim).unbind(1)  # each [b, H, D]
+            self.self_k[i, rows, :, pos] = k
+            self.self_v[i, rows, :, pos] = v
+            a = decode_attention(q, self.self_k[i, :b], self.self_v[i, :b], lengths)
+            x, h = add_layer_norm(x, layer.out(a.reshape(b, -1)), *layer.cross_ln)
+            q = layer.cross_q(h).view(b, self.heads, self.head_dim)
+            scales = {}
+            if self.cross_k_scale is not None:
+                scales = dict(k_scale=self.cross_k_scale[i, :b], v_scale=self.cross_v_scale[i, :b])
+            a = decode_attention(q, self.cross_k[i, :b], self.cross_v[i, :b], None, **scales)
+            x, h = add_layer_norm(x, layer.cross_out(a.reshape(b, -1)), *layer.mlp_ln)
+            delta = layer.fc2(bias_gelu(layer.fc1(h), layer.fc1_bias))
+            next_ln = self.layers[i + 1].attn_ln if i + 1 < len(self.layers) else self.final_ln
+            x, h = add_layer_norm(x, delta, *next_ln)
+        self.logits[:b] = F.linear(h, self.embedding.to(self.dtype)).float()
+
+    def _step(self, b: int) -> None:
+        self._decode(b)
+
+    def _greedy_step(self, b: int) -> None:
+        """Decode, pick argmax(logits + suppress), feed it back: N replays decode N tokens with no host sync."""
+        self._decode(b)
+        next_tokens = (self.logits[:b] + self.suppress).argmax(dim=-1)
+        self.pos[:b] += 1
+        self.history[torch.arange(b, device=self.device), self.pos[:b]] = next_tokens
+        self.tokens[:b] = next_tokens
+
+    # ------------------------------------------------------------------ the engine protocol ------------
+
+    @torch.inference_mode()
+    def encode(self, mel: torch.Tensor) -> torch.Tensor:
+        return self.model.encoder(mel.to(self.device, self.dtype))
+
+    @torch.inference_mode()
+    def start(self, audio_features: torch.Tensor, n_group: int, pads: torch.Tensor) -> None:
+        rows = audio_features.shape[0] * n_group
+        self.bucket = bucket_for(rows, self.options.buckets)
+        self.rows, self.pads = rows, pads.to(torch.long)
+        features = audio_features.to(self.device, self.dtype)
+        for i, layer in enumerate(self.layers):
+            k, v = (split_heads(t, self.heads) for t in layer.cross_kv(features).chunk(2, dim=-1))  # [n, H, T, D]
+            k, v = k.repeat_interleave(n_group, dim=0), v.repeat_interleave(n_group, dim=0)
+            if self.cross_k_scale is not None:
+                (k, self.cross_k_scale[i, :rows]), (v, self.cross_v_scale[i, :rows]) = quantize_kv(k), quantize_kv(v)
+            self.cross_k[i, :rows], self.cross_v[i, :rows] = k, v
+        self.tokens.zero_()  # rows past `rows` in the bucket decode harmless garbage at position 0
+        self.pos.zero_()
+
+    @torch.inference_mode()
+    def prefill(self, tokens: torch.Tensor, sot_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the left-padded prompts [rows, L] eagerly, right-aligned: row b's prompt at columns 0..len_b-1."""
+        rows, width = tokens.shape
+        lengths = width - self.pads  # [rows]
+        columns = torch.arange(width)
+        aligned = tokens.gather(1, (columns[None, :] + self.pads[:, None]).clamp(max=width - 1))
+        valid = columns[None, :] < lengths[:, None]  # [rows, L]
+        h = self._prefill_hidden(aligned.to(self.device), valid.to(self.device))  # [rows, L, C] final-LN'd
+        at = torch.arange(rows, device=self.device)
+        last = h[at, (lengths - 1).to(self.device)]
+        sot = h[at, (sot_index - self.pads).to(self.device)]
+        logits = F.linear(torch.stack([last, sot]), self.embedding.to(self.dtype)).float().cpu()
+        self.pos[:rows] = (lengths - 1).to(self.device)  # the last prompt token's column
+        return logits[0], logits[1]
+
+    def _prefill_hidden(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        rows, width = tokens.shape
+        columns = torch.arange(width, device=self.device)
+        causal = columns[None, :] <= columns[:, None]  # [L, L]
+        mask = (causal[None] & valid[:, None, :])[:, None]  # [rows, 1, L, L]; column 0 is always valid
+        x = (self.embedding[tokens] + self.positions[:width][None]).to(self.dtype)
+        for i, layer in enumerate(self.layers):
+            h = layer_norm(x, *layer.attn_ln)
+            q, k, v = (split_heads(t, self.heads) for t in layer.qkv(h).chunk(3, dim=-1))
+            self.self_k[i, :rows, :, :width], self.self_v[i, :rows, :, :width] = k, v
+            x = x + layer.out(merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask)))
+            h = layer_norm(x, *layer.cross_ln)
+            q = split_heads(layer.cross_q(h), self.heads)
+            if self.cross_k_scale is not None:
+                kc = self.cross_k[i, :rows].to(self.dtype) * self.cross_k_scale[i, :rows].to(self.dtype)
+                vc = self.cross_v[i, :rows].to(self.dtype) * self.cross_v_scale[i, :rows].to(self.dtype)
+            else:
+                kc, vc = self.cross_k[i, :rows], self.cross_v[i, :rows]
+            x = x + layer.cross_out(merge_heads(F.scaled_dot_product_attention(q, kc, vc)))
+            h = layer_norm(x, *layer.mlp_ln)
+            x = x + layer.fc2(bias_gelu(layer.fc1(h), layer.fc1_bias))
+        return layer_norm(x, *self.final_ln)
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        self.tokens[: self.rows] = tokens.to(self.device)
+        self.pos[: self.rows] = positions.to(self.device)
+        self.step_graph.run(self.bucket)
+        return self.logits[: self.rows].cpu()
+
+    @torch.inference_mode()
+    def reorder(self, rows: torch.Tensor) -> None:
+        index, r = rows.to(self.device), self.rows
+        self.self_k[:, :r] = self.self_k[:, :r].index_select(1, index)
+        self.self_v[:, :r] = self.self_v[:, :r].index_select(1, index)
+
+    # ------------------------------------------------------------------ fast greedy ---------------------
+
+    @torch.inference_mode()
+    def greedy(self, first_tokens: torch.Tensor, n_tokens: int, suppress: torch.Tensor | None = None) -> torch.Tensor:
+        """After ``prefill``, decode ``n_tokens`` greedily on the GPU with no host round trip per token.
+
+        first_tokens [rows]: the tokens chosen from the prefill logits; suppress [V] float added to every
+        step's logits (-inf bans a token). Returns the rows' tokens [rows, n_tokens] (first_tokens included).
+        """
+        rows = self.rows
+        if int(self.pos[:rows].max()) + n_tokens >= self.config.n_text_ctx:
+            raise ValueError(f"{n_tokens} more tokens would pass the decoder's {self.config.n_text_ctx} positions")
+        self.suppress.copy_(suppress.to(self.device) if suppress is not None else torch.zeros_like(self.suppress))
+        self.tokens[:rows] = first_tokens.to(self.device)
+        self.pos[:rows] += 1  # the first sampled token's column
+        start = self.pos[:rows].clone()
+        self.history[torch.arange(rows, device=self.device), start] = self.tokens[:rows]
+        for _ in range(n_tokens - 1):
+            self.greedy_graph.run(self.bucket)
+        offsets = start[:, None] + torch.arange(n_tokens, device=self.device)[None, :]
+        return self.history[:rows].gather(1, offsets).cpu()
+
+    def weight_bytes(self) -> int:
+        """Bytes of decoder weights read by one decode step (the output projection included)."""
+        total = self.embedding.numel() * self.embedding.element_size()
+        for layer in self.layers:
+            total += sum(p.nbytes for p in (layer.qkv, layer.out, layer.cross_q, layer.cross_out, layer.fc1, layer.fc2))
+        return total
