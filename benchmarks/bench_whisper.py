@@ -23,6 +23,7 @@ import math
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -185,8 +186,8 @@ def markdown(results: dict) -> str:
         "pass (ours: the per-token figure excludes it).",
         "",
         "| model | batch | build s | encoder ms (HF) | enc TFLOP/s (% peak) | ms/token (HF) | speedup/token "
-        "| decode GB/s (% copy) | RTFx (HF) | RTFx ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| decode GB/s (% copy) | RTFx (HF) | RTFx ratio | INT8 ms/token |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, entry in results["models"].items():
         for batch, ours in entry["ours"]["rows"].items():
@@ -196,7 +197,8 @@ def markdown(results: dict) -> str:
                 f"| {ours['encoder_TFLOPs']:.0f} ({100 * ours['encoder_TFLOPs'] / peaks['matmul_TFLOPs']:.0f}%) "
                 f"| {ours['ms_per_token']:.3f} ({hf['ms_per_token']:.2f}) | {hf['ms_per_token'] / ours['ms_per_token']:.1f}x "
                 f"| {ours['decode_GBps']:.0f} ({100 * ours['decode_GBps'] / peaks['copy_GBps']:.0f}%) "
-                f"| {ours['rtfx']:.0f} ({hf['rtfx']:.0f}) | {ours['rtfx'] / hf['rtfx']:.1f}x |"
+                f"| {ours['rtfx']:.0f} ({hf['rtfx']:.0f}) | {ours['rtfx'] / hf['rtfx']:.1f}x "
+                f"| {entry['ours'].get('int8_rows', {}).get(batch, {}).get('ms_per_token', float('nan')):.3f} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -207,6 +209,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64])
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     parser.add_argument("--name", default="whisper", help="stem of the JSON/Markdown files written")
+    parser.add_argument("--int8", action="store_true", help="also time the INT8 engine (weights + cross-KV)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_whisper needs a CUDA GPU", file=sys.stderr)
@@ -223,9 +226,16 @@ def main(argv=None) -> int:
         model = random_model(config, seed=0, device="cuda", dtype=torch.float16)
         options = EngineOptions(dtype=torch.float16, buckets=tuple(sorted({1, 2, 4, 8, 16, 32, 64} | set(args.batches))))
         ours, engine = bench_ours(model, config, args.batches, mel, options)
-        del engine, model
+        del engine
         gc.collect()  # the engine's graphs reference it through bound methods: collect the cycle
         torch.cuda.empty_cache()
+        if args.int8:
+            int8, engine = bench_ours(model, config, args.batches, mel, replace(options, quantize="int8"))
+            ours["int8_rows"] = int8["rows"]
+            del engine
+            gc.collect()
+            torch.cuda.empty_cache()
+        del model
         hf = bench_hf(config, state, args.batches, mel)
         del state
         gc.collect()

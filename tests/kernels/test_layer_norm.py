@@ -123,3 +123,23 @@ def test_whisper_large_v3_shapes(rows, dtype):
     weight, bias = affine(1280)
     check_layer_norm(x, weight, bias)
     check_add_layer_norm(x, delta, weight, bias)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
+def test_fp32_residual_stream_with_low_precision_output(out_dtype):
+    """x (the residual stream) in fp32, delta and y in fp16/bf16: h stays fp32, y is LayerNorm(h) rounded once."""
+    from turboformer.kernels.layer_norm import add_layer_norm_ref, add_layer_norm_triton, layer_norm_triton
+
+    x = torch.randn(5, 384, device=DEVICE)
+    delta = torch.randn(5, 384, device=DEVICE).to(out_dtype)
+    weight, bias = torch.randn(384, device=DEVICE), torch.randn(384, device=DEVICE)
+    h = x.double() + delta.double()
+    gold = torch.nn.functional.layer_norm(h, (384,), weight.double(), bias.double(), 1e-5)
+    for fn in (add_layer_norm_triton, add_layer_norm_ref):
+        with poison_buffers():
+            out_h, out_y = fn(x, delta, weight, bias, 1e-5, out_dtype)
+        assert out_h.dtype == torch.float32 and out_y.dtype == out_dtype
+        torch.testing.assert_close(out_h.double(), h, atol=1e-6, rtol=1e-6)
+        assert (out_y.double() - gold).abs().max() <= gold.abs().max() * 2**-7  # one rounding to out_dtype
+    y = layer_norm_triton(x, weight, bias, 1e-5, out_dtype)
+    assert y.dtype == out_dtype

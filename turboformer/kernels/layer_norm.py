@@ -71,15 +71,16 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, delta: tor
             raise KernelInputError(f"delta must have x's shape {list(x.shape)}, got {list(delta.shape)}")
 
 
-def _launch(x, delta, weight, bias, eps):
-    """Shared launcher body: returns ``y`` and, when ``delta`` is given, ``h``; both shaped like ``x``."""
+def _launch(x, delta, weight, bias, eps, out_dtype=None):
+    """Shared launcher body: returns ``y`` (in ``out_dtype``, default x's) and, when ``delta`` is given, ``h``
+    (in x's dtype); both shaped like ``x``."""
     utils.check_launchable(*(t for t in (x, delta, weight, bias) if t is not None))
     n = x.shape[-1]
     if n > MAX_ROW:
         raise KernelInputError(f"rows of {n} features exceed the kernel's {MAX_ROW}; use layer_norm_ref")
     x2 = utils.as_rows("x", x)  # [M, N]
     m = x2.shape[0]
-    y = utils.empty((m, n), x.dtype, x.device)
+    y = utils.empty((m, n), out_dtype or x.dtype, x.device)
     add = delta is not None
     d2 = utils.as_rows("delta", delta) if add else x2
     h = utils.empty((m, n), x.dtype, x.device) if add else y
@@ -96,51 +97,75 @@ def _launch(x, delta, weight, bias, eps):
     return (h.view(x.shape), y) if add else y
 
 
-def layer_norm_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """LayerNorm of ``x [..., N]`` over N with the Triton kernel; ``weight, bias [N]``; returns x's shape/dtype."""
+def layer_norm_triton(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """LayerNorm of ``x [..., N]`` over N with the Triton kernel; ``weight, bias [N]``; returns x's shape, in
+    ``out_dtype`` (default x's dtype)."""
     _check(x, weight, bias)
-    return _launch(x, None, weight, bias, eps)
+    return _launch(x, None, weight, bias, eps, out_dtype)
 
 
 def add_layer_norm_triton(
-    x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+    x: torch.Tensor,
+    delta: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``h = x + delta`` (in x's dtype) and ``y = LayerNorm(h)`` in one Triton pass; ``x, delta [..., N]``."""
+    """``h = x + delta`` (in x's dtype) and ``y = LayerNorm(h)`` (in ``out_dtype``, default x's) in one Triton
+    pass; ``x, delta [..., N]`` may differ in dtype (an fp32 residual stream with bf16 branches)."""
     _check(x, weight, bias, delta)
-    return _launch(x, delta, weight, bias, eps)
+    return _launch(x, delta, weight, bias, eps, out_dtype)
 
 
-def layer_norm_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """PyTorch reference: LayerNorm over the last axis in fp32, cast back to x's dtype."""
+def layer_norm_ref(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """PyTorch reference: LayerNorm over the last axis in fp32, cast to ``out_dtype`` (default x's dtype)."""
     _check(x, weight, bias)
     xf = x.float()
     mean = xf.mean(dim=-1, keepdim=True)
     var = (xf - mean).square().mean(dim=-1, keepdim=True)
     y = (xf - mean) * torch.rsqrt(var + eps) * weight.float() + bias.float()
-    return y.to(x.dtype)
+    return y.to(out_dtype or x.dtype)
 
 
 def add_layer_norm_ref(
-    x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+    x: torch.Tensor,
+    delta: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PyTorch reference: ``h = x + delta`` rounded to x's dtype, then ``y = layer_norm_ref(h)``."""
     _check(x, weight, bias, delta)
     h = (x.float() + delta.float()).to(x.dtype)
-    return h, layer_norm_ref(h, weight, bias, eps)
+    return h, layer_norm_ref(h, weight, bias, eps, out_dtype)
 
 
-def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+def layer_norm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """LayerNorm of ``x [..., N]`` over N: Triton on CUDA (rows up to ``MAX_ROW``), the reference otherwise."""
     if utils.use_triton(x) and x.shape[-1] <= MAX_ROW:
-        return layer_norm_triton(x, weight, bias, eps)
-    return layer_norm_ref(x, weight, bias, eps)
+        return layer_norm_triton(x, weight, bias, eps, out_dtype)
+    return layer_norm_ref(x, weight, bias, eps, out_dtype)
 
 
 def add_layer_norm(
-    x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5
+    x: torch.Tensor,
+    delta: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float = 1e-5,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Residual add + LayerNorm: returns ``(h, y)`` with ``h = x + delta`` and ``y = LayerNorm(h)``, both
-    ``[..., N]`` in x's dtype. Triton on CUDA (rows up to ``MAX_ROW``), the reference otherwise."""
+    """Residual add + LayerNorm: returns ``(h, y)`` with ``h = x + delta`` in x's dtype and ``y = LayerNorm(h)``
+    in ``out_dtype`` (default x's), both ``[..., N]``. Triton on CUDA (rows up to ``MAX_ROW``), the reference
+    otherwise."""
     if utils.use_triton(x) and x.shape[-1] <= MAX_ROW:
-        return add_layer_norm_triton(x, delta, weight, bias, eps)
-    return add_layer_norm_ref(x, delta, weight, bias, eps)
+        return add_layer_norm_triton(x, delta, weight, bias, eps, out_dtype)
+    return add_layer_norm_ref(x, delta, weight, bias, eps, out_dtype)

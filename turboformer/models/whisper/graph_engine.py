@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from turboformer.kernels.bias_gelu import bias_gelu
 from turboformer.kernels.decode_attention import decode_attention, quantize_kv
+from turboformer.kernels.kv_cache_write import kv_cache_write
 from turboformer.kernels.layer_norm import add_layer_norm, layer_norm
 from turboformer.models.whisper.model import Whisper, merge_heads, split_heads
 from turboformer.nn.linear import PackedLinear
@@ -140,28 +141,30 @@ class GraphEngine:
     # ------------------------------------------------------------------ the captured step --------------
 
     def _decode(self, b: int) -> None:
-        """One token for rows [:b] from self.tokens/self.pos into self.logits (all static buffers)."""
-        tokens, pos = self.tokens[:b], self.pos[:b]
+        """One token for rows [:b] from self.tokens/self.pos into self.logits (all static buffers).
+
+        The residual stream x stays fp32 (the fused add + LayerNorm writes h = x + delta in fp32 and the
+        normalised h in the compute dtype): bf16's 8-bit mantissa would otherwise round it at every layer.
+        """
+        tokens, pos, dtype = self.tokens[:b], self.pos[:b], self.dtype
         lengths = (pos + 1).to(torch.int32)  # keys attended: columns 0..pos
-        rows = torch.arange(b, device=self.device)
-        x = (self.embedding[tokens] + self.positions[pos]).to(self.dtype)  # [b, C]
-        h = layer_norm(x, *self.layers[0].attn_ln)
+        x = self.embedding[tokens].float() + self.positions[pos].float()  # [b, C] fp32
+        h = layer_norm(x, *self.layers[0].attn_ln, out_dtype=dtype)
         for i, layer in enumerate(self.layers):
             q, k, v = layer.qkv(h).view(b, 3, self.heads, self.head_dim).unbind(1)  # each [b, H, D]
-            self.self_k[i, rows, :, pos] = k
-            self.self_v[i, rows, :, pos] = v
+            kv_cache_write(k, v, self.self_k[i, :b], self.self_v[i, :b], pos)
             a = decode_attention(q, self.self_k[i, :b], self.self_v[i, :b], lengths)
-            x, h = add_layer_norm(x, layer.out(a.reshape(b, -1)), *layer.cross_ln)
+            x, h = add_layer_norm(x, layer.out(a.reshape(b, -1)), *layer.cross_ln, out_dtype=dtype)
             q = layer.cross_q(h).view(b, self.heads, self.head_dim)
             scales = {}
             if self.cross_k_scale is not None:
                 scales = dict(k_scale=self.cross_k_scale[i, :b], v_scale=self.cross_v_scale[i, :b])
             a = decode_attention(q, self.cross_k[i, :b], self.cross_v[i, :b], None, **scales)
-            x, h = add_layer_norm(x, layer.cross_out(a.reshape(b, -1)), *layer.mlp_ln)
+            x, h = add_layer_norm(x, layer.cross_out(a.reshape(b, -1)), *layer.mlp_ln, out_dtype=dtype)
             delta = layer.fc2(bias_gelu(layer.fc1(h), layer.fc1_bias))
             next_ln = self.layers[i + 1].attn_ln if i + 1 < len(self.layers) else self.final_ln
-            x, h = add_layer_norm(x, delta, *next_ln)
-        self.logits[:b] = F.linear(h, self.embedding.to(self.dtype)).float()
+            x, h = add_layer_norm(x, delta, *next_ln, out_dtype=dtype)
+        self.logits[:b] = F.linear(h, self.embedding).float()
 
     def _step(self, b: int) -> None:
         self._decode(b)
@@ -216,13 +219,14 @@ class GraphEngine:
         columns = torch.arange(width, device=self.device)
         causal = columns[None, :] <= columns[:, None]  # [L, L]
         mask = (causal[None] & valid[:, None, :])[:, None]  # [rows, 1, L, L]; column 0 is always valid
-        x = (self.embedding[tokens] + self.positions[:width][None]).to(self.dtype)
+        dtype = self.dtype
+        x = self.embedding[tokens].float() + self.positions[:width][None].float()  # fp32 residual stream
         for i, layer in enumerate(self.layers):
-            h = layer_norm(x, *layer.attn_ln)
+            h = layer_norm(x, *layer.attn_ln, out_dtype=dtype)
             q, k, v = (split_heads(t, self.heads) for t in layer.qkv(h).chunk(3, dim=-1))
             self.self_k[i, :rows, :, :width], self.self_v[i, :rows, :, :width] = k, v
             x = x + layer.out(merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask)))
-            h = layer_norm(x, *layer.cross_ln)
+            h = layer_norm(x, *layer.cross_ln, out_dtype=dtype)
             q = split_heads(layer.cross_q(h), self.heads)
             if self.cross_k_scale is not None:
                 kc = self.cross_k[i, :rows].to(self.dtype) * self.cross_k_scale[i, :rows].to(self.dtype)
@@ -230,9 +234,9 @@ class GraphEngine:
             else:
                 kc, vc = self.cross_k[i, :rows], self.cross_v[i, :rows]
             x = x + layer.cross_out(merge_heads(F.scaled_dot_product_attention(q, kc, vc)))
-            h = layer_norm(x, *layer.mlp_ln)
+            h = layer_norm(x, *layer.mlp_ln, out_dtype=dtype)
             x = x + layer.fc2(bias_gelu(layer.fc1(h), layer.fc1_bias))
-        return layer_norm(x, *self.final_ln)
+        return layer_norm(x, *self.final_ln, out_dtype=dtype)
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
