@@ -14,7 +14,7 @@ KEEP=/root/turboformer-carry  # outside the working tree, which each call lays a
 mkdir -p $KEEP
 if [ "${STAGE:-1}" = 1 ]; then
   cp .gpudata/tiny_a.bin $KEEP/
-  python3 benchmarks/bench_whisper.py --models ${MODELS:-tiny base small large-v3 large-v3-turbo} --out "$OUT/results" --name ${NAME:-whisper} 2>&1 | tee "$OUT/bench1.log"
+  python3 benchmarks/bench_whisper.py --models ${MODELS:-tiny base small large-v3 large-v3-turbo} --int8 --out "$OUT/results" --name ${NAME:-whisper} 2>&1 | tee "$OUT/bench1.log"
 else
   mkdir -p .gpucache/tiny.en
   cat $KEEP/tiny_a.bin .gpudata/tiny_b.bin > .gpucache/tiny.en/model.bin

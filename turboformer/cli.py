@@ -1,4 +1,4 @@
-"""The ``turboformer`` command: transcribe | recognize | translate | segment."""
+"""The ``turboformer`` command: transcribe | recognize | translate | segment | bench | eval."""
 
 from __future__ import annotations
 
@@ -145,6 +145,64 @@ def run_transcribe(args) -> int:
     return 1 if failed else 0
 
 
+def add_bench_parser(subparsers) -> None:
+    from turboformer.benchmark import whisper as bench_whisper
+
+    p = subparsers.add_parser("bench", help="benchmark against the reference implementation (CUDA)",
+                              description="Benchmarks run ours and the reference side by side on the same weights.")
+    families = p.add_subparsers(dest="family", metavar="FAMILY", required=True)
+    w = families.add_parser("whisper", help="Whisper GPU engine vs Hugging Face transformers",
+                            description=bench_whisper.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench_whisper.add_arguments(w)
+    w.set_defaults(func=bench_whisper.run)
+
+
+def add_eval_parser(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="accuracy report of an engine against the fp32 CPU reference")
+    families = p.add_subparsers(dest="family", metavar="FAMILY", required=True)
+    w = families.add_parser(
+        "whisper",
+        help="Whisper: logits/encoder error statistics, transcripts and WER vs fp32 CPU",
+        description="Transcribe with the fp32 CPU reference and with the engine under test (same weights); "
+        "teacher-force the engine through the reference tokens and report max/mean/median abs and relative "
+        "error of the logits and encoder output, argmax agreement, equal transcripts and WER.",
+    )
+    w.add_argument("audio", nargs="+", help="audio files")
+    w.add_argument("--model", default="tiny.en")
+    w.add_argument("--device", default=None, help="device of the engine under test (default: cuda if available)")
+    w.add_argument("--dtype", choices=DTYPES, default=None, help="default: float16 on cuda, float32 on cpu")
+    w.add_argument("--quantize", choices=("int8",), default=None)
+    w.add_argument("--references", default=None, help="text file: one ground-truth transcript per audio file")
+    w.set_defaults(func=run_eval_whisper)
+
+
+def run_eval_whisper(args) -> int:
+    import torch
+
+    from turboformer.audio import AudioError, load_audio
+    from turboformer.eval.whisper import candidate_engine, evaluate
+    from turboformer.models.whisper.load import CheckpointError
+    from turboformer.models.whisper.pipeline import WhisperModel, default_device
+
+    device = args.device or default_device()
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
+    try:
+        audios = [load_audio(path) for path in args.audio]
+        truths = None
+        if args.references:
+            truths = [line.strip() for line in open(args.references, encoding="utf-8") if line.strip()]
+            if len(truths) != len(audios):
+                raise ValueError(f"{args.references} has {len(truths)} transcripts for {len(audios)} audio files")
+        reference = WhisperModel.from_pretrained(args.model, device="cpu", dtype=torch.float32)
+        engine = candidate_engine(reference, device, dtype, args.quantize)
+    except (AudioError, CheckpointError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    label = f"{args.model} on {device}, {str(dtype).removeprefix('torch.')}" + (f", {args.quantize}" if args.quantize else "")
+    print(evaluate(reference, engine, audios, truths, label).text())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from turboformer import __version__
 
@@ -155,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"turboformer {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_transcribe_parser(subparsers)
+    add_bench_parser(subparsers)
+    add_eval_parser(subparsers)
     for module in FAMILY_COMMANDS:
         try:
             family = importlib.import_module(module)

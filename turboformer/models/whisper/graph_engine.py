@@ -243,7 +243,7 @@ class GraphEngine:
         self.tokens[: self.rows] = tokens.to(self.device)
         self.pos[: self.rows] = positions.to(self.device)
         self.step_graph.run(self.bucket)
-        return self.logits[: self.rows].cpu()
+        return self.logits[: self.rows].to("cpu", copy=True)  # a copy: the static buffer is rewritten next step
 
     @torch.inference_mode()
     def reorder(self, rows: torch.Tensor) -> None:

@@ -1,0 +1,65 @@
+"""Accuracy reports: the statistics against numpy, and the Whisper report on the CPU graph engine."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from turboformer.cli import main
+from turboformer.eval.tensor_stats import tensor_stats
+
+
+def test_tensor_stats_against_numpy():
+    rng = np.random.default_rng(0)
+    b = rng.standard_normal((7, 33))
+    a = b + rng.standard_normal((7, 33)) * 1e-3
+    stats = tensor_stats(torch.from_numpy(a).float(), torch.from_numpy(b).float())
+    diff = np.abs(a.astype(np.float32).astype(np.float64) - b.astype(np.float32).astype(np.float64))
+    rel = np.linalg.norm(a.astype(np.float32) - b.astype(np.float32), axis=1) / np.linalg.norm(b.astype(np.float32), axis=1)
+    assert stats.max_abs == pytest.approx(diff.max()) and stats.mean_abs == pytest.approx(diff.mean())
+    assert stats.median_abs == pytest.approx(np.sort(diff.ravel())[(diff.size - 1) // 2])  # torch: lower median
+    assert stats.max_rel == pytest.approx(rel.max(), rel=1e-5) and stats.count == 7 * 33 and stats.finite
+    assert not tensor_stats(torch.tensor([[float("nan"), 1.0]]), torch.ones(1, 2)).finite
+    with pytest.raises(ValueError, match="shapes differ"):
+        tensor_stats(torch.ones(2, 3), torch.ones(3, 2))
+
+
+def test_whisper_report_on_cpu_engines(tiny_en_model, librivox_clips):
+    from turboformer.eval.whisper import candidate_engine, evaluate
+
+    exact = evaluate(tiny_en_model, candidate_engine(tiny_en_model, "cpu", torch.float32, None), librivox_clips[:2])
+    assert exact.logits.max_abs < 1e-3 and exact.argmax_agreement == 1.0 and exact.transcripts_equal == 1.0
+    int8 = evaluate(tiny_en_model, candidate_engine(tiny_en_model, "cpu", torch.float32, "int8"), librivox_clips[:2])
+    assert int8.logits.finite and 1e-3 < int8.logits.max_abs < 5 and int8.argmax_agreement > 0.9
+    assert "decoder logits vs fp32 CPU" in int8.text()
+
+
+def test_eval_and_bench_commands(capsys):
+    wav = "/usr/share/pocketsphinx/test/data/librivox/sense_and_sensibility_01_austen_64kb-0880.wav"
+    assert main(["eval", "whisper", wav, "--device", "cpu", "--quantize", "int8"]) == 0
+    out = capsys.readouterr().out
+    assert "argmax agreement" in out and "encoder output vs fp32 CPU" in out
+    assert main(["eval", "whisper", "/nonexistent.wav", "--device", "cpu"]) == 2
+    if not torch.cuda.is_available():
+        assert main(["bench", "whisper", "--models", "tiny", "--batches", "1"]) == 2
+        assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def tiny_en_model():
+    from turboformer.models.whisper.pipeline import WhisperModel
+
+    return WhisperModel.from_pretrained("tiny.en", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def librivox_clips():
+    from pathlib import Path
+
+    from turboformer.audio import load_audio
+
+    data = Path("/usr/share/pocketsphinx/test/data/librivox")
+    if not data.is_dir():
+        pytest.fail(f"{data} missing: apt-get install pocketsphinx-testdata (CI installs it)")
+    return [load_audio(p) for p in sorted(data.glob("*.wav"))]
