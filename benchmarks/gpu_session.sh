@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: environment, CUDA tests, benchmarks. Results and logs go to $OUT.
-#   STAGE=1: bench the small models;  STAGE=2: CUDA tests with the real tiny.en + bench large-v3.
+#   STAGE=1: the Whisper benchmark;  STAGE=2: CUDA tests with the real tiny.en, profile, A/B;  STAGE=ab: A/B only.
 # The real tiny.en weights (75 MB) exceed one call's upload, so they travel in two halves through the ignored
 # .gpudata/ folder and are joined in .gpucache/ (kept on the warm machine between the two calls).
 set -uo pipefail
@@ -12,7 +12,9 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 mkdir -p .gpucache
 KEEP=/root/turboformer-carry  # outside the working tree, which each call lays anew
 mkdir -p $KEEP
-if [ "${STAGE:-1}" = 1 ]; then
+if [ "${STAGE:-1}" = ab ]; then
+  python3 benchmarks/ab_decode_step.py 2>&1 | tee "$OUT/ab.log"
+elif [ "${STAGE:-1}" = 1 ]; then
   cp .gpudata/tiny_a.bin $KEEP/
   python3 benchmarks/bench_whisper.py --models ${MODELS:-tiny base small large-v3 large-v3-turbo} --int8 --out "$OUT/results" --name ${NAME:-whisper} 2>&1 | tee "$OUT/bench1.log"
 else
@@ -21,5 +23,6 @@ else
   cp .gpudata/config.json .gpudata/tokenizer.json .gpudata/vocabulary.txt .gpucache/tiny.en/
   export TURBOFORMER_SPEECH_DIR=$PWD/.gpudata/speech TURBOFORMER_TINY_EN_DIR=$PWD/.gpucache/tiny.en
   python3 -m pytest -p no:cacheprovider -q -rs -s tests/models/whisper/test_graph_engine.py tests/kernels 2>&1 | tee "$OUT/pytest_gpu.log" | grep -v "^\.*$" | tail -30
-  python3 benchmarks/profile_decode_step.py --model large-v3 --batch 1 2>&1 | tee "$OUT/profile.log" | tail -32
+  python3 benchmarks/profile_decode_step.py --model large-v3 --batch 1 > "$OUT/profile.log" 2>&1
+  python3 benchmarks/ab_decode_step.py 2>&1 | tee "$OUT/ab.log"
 fi

@@ -190,3 +190,15 @@ def test_gpu_eager_engine_fp16_matches_cpu(tiny_en, librivox):
     cpu = transcribe_batch(tiny_en.engine, tiny_en.tokenizer, clips, GREEDY)
     gpu = transcribe_batch(EagerEngine(gpu_model), tiny_en.tokenizer, clips, GREEDY)
     assert sum(a.text == b.text for a, b in zip(cpu, gpu)) >= len(clips) - 1
+
+
+
+def test_packed_linear_equals_f_linear_and_int8_stays_close():
+    from turboformer.nn.linear import PackedLinear
+
+    weight, bias, x = torch.randn(48, 32), torch.randn(48), torch.randn(3, 32)
+    expected = torch.nn.functional.linear(x, weight, bias)
+    torch.testing.assert_close(PackedLinear(weight, bias, torch.float32)(x), expected)
+    int8 = PackedLinear(weight, bias, torch.float32, int8=True)
+    assert int8.weight.dtype == torch.int8 and int8.nbytes < weight.numel() * 4 / 3
+    assert (int8(x) - expected).abs().max() < 0.05 * expected.abs().max()

@@ -45,7 +45,7 @@ def test_tiny_en_wer_on_librivox(tiny_en, librivox):
     assert wer <= 0.05, (wer, hyps)
 
 
-def test_transcripts_equal_hugging_face_generate(tiny_en, tiny_en_checkpoint, librivox, cards):
+def test_transcripts_equal_hugging_face_generate(tiny_en, tiny_en_checkpoint, librivox, cards, goforward):
     """Greedy text-only decoding equals transformers' generate() with the model's suppression lists."""
     from transformers import GenerationConfig
 
@@ -57,7 +57,7 @@ def test_transcripts_equal_hugging_face_generate(tiny_en, tiny_en_checkpoint, li
         begin_suppress_tokens=list(extra["suppress_ids_begin"]), no_timestamps_token_id=special.no_timestamps,
         max_length=448, is_multilingual=False,
     )
-    clips = [audio for _, audio, _ in librivox[:3] + cards[:3]]
+    clips = [audio for _, audio, _ in librivox + cards] + [goforward]
     mel = torch.stack([pad_or_trim(log_mel_spectrogram(a, 80), 3000) for a in clips])
     with torch.no_grad():
         generated = reference.generate(mel, return_timestamps=False)
