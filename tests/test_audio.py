@@ -9,7 +9,6 @@ References: Python's ``wave`` module and the raw bytes for decoding; the openai-
 
 from __future__ import annotations
 
-import io
 import math
 import shutil
 import wave

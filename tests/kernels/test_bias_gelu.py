@@ -12,8 +12,9 @@ the GPU rounds to nearest even).
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_tolerance import assert_close_to_gold as shared_assert_close_to_gold
 
-from turboformer.kernels import KernelInputError, poison_buffers, utils
+from turboformer.kernels import KernelInputError, poison_buffers
 from turboformer.kernels.bias_gelu import bias_gelu_ref, bias_gelu_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -21,16 +22,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def assert_close_to_gold(out, gold, torch_lowp):
-    """The tolerance rule of this file's docstring; ``gold`` is fp64, ``torch_lowp`` PyTorch's op in out's dtype."""
-    assert not out.isnan().any(), "kernel left NaN (unwritten or poisoned) elements"
-    if out.dtype == torch.float32:
-        torch.testing.assert_close(out.double(), gold, atol=1e-6, rtol=1e-6)
-        return
-    err = (out.double() - gold).abs().max().item()
-    bound = 2 * (torch_lowp.double() - gold).abs().max().item() + 1e-6
-    if out.dtype == torch.bfloat16 and utils.interpreting():
-        bound += gold.abs().max().item() * 2**-7
-    assert err <= bound, f"{out.dtype}: max error {err:.3g} > bound {bound:.3g}"
+    shared_assert_close_to_gold(out, gold, torch_lowp, fp32_tol=1e-6)
 
 
 def check_bias_gelu(x, bias):

@@ -11,9 +11,10 @@ the GPU rounds to nearest even).
 
 import pytest
 import torch
+from kernel_tolerance import assert_close_to_gold
 import torch.nn.functional as F
 
-from turboformer.kernels import KernelInputError, poison_buffers, utils
+from turboformer.kernels import KernelInputError, poison_buffers
 from turboformer.kernels.layer_norm import (
     MAX_ROW,
     add_layer_norm_ref,
@@ -25,19 +26,6 @@ from turboformer.kernels.layer_norm import (
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 EPS = 1e-5
-
-
-def assert_close_to_gold(out, gold, torch_lowp):
-    """The tolerance rule of this file's docstring; ``gold`` is fp64, ``torch_lowp`` PyTorch's op in out's dtype."""
-    assert not out.isnan().any(), "kernel left NaN (unwritten or poisoned) elements"
-    if out.dtype == torch.float32:
-        torch.testing.assert_close(out.double(), gold, atol=1e-5, rtol=1e-5)
-        return
-    err = (out.double() - gold).abs().max().item()
-    bound = 2 * (torch_lowp.double() - gold).abs().max().item() + 1e-6
-    if out.dtype == torch.bfloat16 and utils.interpreting():
-        bound += gold.abs().max().item() * 2**-7
-    assert err <= bound, f"{out.dtype}: max error {err:.3g} > bound {bound:.3g}"
 
 
 def make_rows(shape, dtype, strided=False):

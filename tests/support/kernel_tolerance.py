@@ -1,0 +1,23 @@
+"""The tolerance rule shared by the kernel tests (each test file's docstring states its fp32 tolerance)."""
+
+import torch
+
+from turboformer.kernels import utils
+
+
+def assert_close_to_gold(out, gold, torch_lowp, fp32_tol: float = 1e-5):
+    """``gold`` is the fp64 result, ``torch_lowp`` PyTorch's own op run in out's dtype.
+
+    fp32: within ``fp32_tol`` (absolute and relative). fp16/bf16: the kernel's max error is at most twice
+    PyTorch's own error in that dtype; under the Triton interpreter bf16 also gets one bf16 ulp of max |result|
+    (its numpy emulation truncates fp32 -> bf16 where the GPU rounds to nearest even).
+    """
+    assert not out.isnan().any(), "kernel left NaN (unwritten or poisoned) elements"
+    if out.dtype == torch.float32:
+        torch.testing.assert_close(out.double(), gold, atol=fp32_tol, rtol=fp32_tol)
+        return
+    err = (out.double() - gold).abs().max().item()
+    bound = 2 * (torch_lowp.double() - gold).abs().max().item() + 1e-6
+    if out.dtype == torch.bfloat16 and utils.interpreting():
+        bound += gold.abs().max().item() * 2**-7
+    assert err <= bound, f"{out.dtype}: max error {err:.3g} > bound {bound:.3g}"
