@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: environment, CUDA tests, benchmarks. Results and logs go to $OUT.
-#   STAGE=1: the Whisper benchmark;  STAGE=2: CUDA tests with the real tiny.en, profile, A/B;  STAGE=ab: A/B only.
+#   STAGE=1: the Whisper benchmark (BENCH=0: skip it);  STAGE=2: CUDA tests with the real tiny.en, the natural-
+#   decoding benchmark on real clips, the decode-step profile;  STAGE=ab: the decode-step A/B only.
 # The real tiny.en weights (75 MB) exceed one call's upload, so they travel in two halves through the ignored
 # .gpudata/ folder and are joined in .gpucache/ (kept on the warm machine between the two calls).
 set -uo pipefail
@@ -16,13 +17,13 @@ if [ "${STAGE:-1}" = ab ]; then
   python3 benchmarks/ab_decode_step.py 2>&1 | tee "$OUT/ab.log"
 elif [ "${STAGE:-1}" = 1 ]; then
   cp .gpudata/tiny_a.bin $KEEP/
-  python3 benchmarks/bench_whisper.py --models ${MODELS:-tiny base small large-v3 large-v3-turbo} --int8 --out "$OUT/results" --name ${NAME:-whisper} 2>&1 | tee "$OUT/bench1.log"
+  [ "${BENCH:-1}" = 0 ] || python3 benchmarks/bench_whisper.py --models ${MODELS:-tiny base small large-v3 large-v3-turbo} --int8 --out "$OUT/results" --name ${NAME:-whisper} 2>&1 | tee "$OUT/bench1.log"
 else
   mkdir -p .gpucache/tiny.en
   cat $KEEP/tiny_a.bin .gpudata/tiny_b.bin > .gpucache/tiny.en/model.bin
   cp .gpudata/config.json .gpudata/tokenizer.json .gpudata/vocabulary.txt .gpucache/tiny.en/
   export TURBOFORMER_SPEECH_DIR=$PWD/.gpudata/speech TURBOFORMER_TINY_EN_DIR=$PWD/.gpucache/tiny.en
   python3 -m pytest -p no:cacheprovider -q -rs -s tests/models/whisper/test_graph_engine.py tests/kernels 2>&1 | tee "$OUT/pytest_gpu.log" | grep -v "^\.*$" | tail -30
+  python3 benchmarks/bench_whisper_natural.py --model .gpucache/tiny.en --speech .gpudata/speech --out "$OUT/whisper_natural.json" 2>&1 | grep -v "^\[transformers\]"
   python3 benchmarks/profile_decode_step.py --model large-v3 --batch 1 > "$OUT/profile.log" 2>&1
-  python3 benchmarks/ab_decode_step.py 2>&1 | tee "$OUT/ab.log"
 fi
