@@ -25,10 +25,12 @@ class LogitFilter:
 
 class SuppressTokens(LogitFilter):
     def __init__(self, suppress_tokens: Sequence[int]):
-        self.suppress_tokens = list(suppress_tokens)
+        self.suppress_tokens = torch.tensor(list(suppress_tokens), dtype=torch.long)
 
     def apply(self, logits, tokens):
-        logits[:, self.suppress_tokens] = -np.inf
+        if self.suppress_tokens.device != logits.device:  # moved once, then reused every step
+            self.suppress_tokens = self.suppress_tokens.to(logits.device)
+        logits.index_fill_(1, self.suppress_tokens, -np.inf)
 
 
 class TokenDecoder:
@@ -56,9 +58,9 @@ class GreedyDecoder(TokenDecoder):
             next_tokens = logits.argmax(dim=-1)
         elif self.generator is None:
             next_tokens = Categorical(logits=logits / self.temperature).sample()
-        else:
-            probs = F.softmax(logits.float() / self.temperature, dim=-1)
-            next_tokens = torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+        else:  # the seeded generator lives on the CPU: sample there, whatever the logits' device
+            probs = F.softmax(logits.float().cpu() / self.temperature, dim=-1)
+            next_tokens = torch.multinomial(probs, 1, generator=self.generator).squeeze(-1).to(logits.device)
         logprobs = F.log_softmax(logits.float(), dim=-1)
         current = logprobs[torch.arange(logprobs.shape[0]), next_tokens]
         finished = tokens[:, -1] == self.eot

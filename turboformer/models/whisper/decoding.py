@@ -101,31 +101,34 @@ class ApplyTimestampRules(LogitFilter):
         self.max_initial_timestamp_index = max_initial_timestamp_index
 
     def apply(self, logits, tokens):
+        """Vectorised over rows (no host round trip), so it runs where the logits are, GPU included."""
         begin, eot = self.special.timestamp_begin, self.special.eot
         logits[:, self.special.no_timestamps] = -np.inf
-        for k in range(tokens.shape[0]):
-            sampled = tokens[k, self.sample_begin :]
-            seq = sampled.tolist()
-            last_was_timestamp = len(seq) >= 1 and seq[-1] >= begin
-            penultimate_was_timestamp = len(seq) < 2 or seq[-2] >= begin
-            if last_was_timestamp:
-                if penultimate_was_timestamp:  # a pair just closed: text (or eot) next
-                    logits[k, begin:] = -np.inf
-                else:  # an opening timestamp: its closing one next
-                    logits[k, :eot] = -np.inf
-            timestamps = sampled[sampled.ge(begin)]
-            if timestamps.numel() > 0:
-                # no going back in time, and every segment has a nonzero length
-                last = timestamps[-1] if last_was_timestamp and not penultimate_was_timestamp else timestamps[-1] + 1
-                logits[k, begin:last] = -np.inf
-        if tokens.shape[1] == self.sample_begin:
+        sampled = tokens[:, self.sample_begin :]  # [B, n]
+        n = sampled.shape[1]
+        vocab = torch.arange(logits.shape[1], device=logits.device)[None, :]  # [1, V]
+        if n >= 1:
+            is_stamp = sampled >= begin
+            last_was = is_stamp[:, -1]
+            penultimate_was = is_stamp[:, -2] if n >= 2 else torch.ones_like(last_was)
+            # a pair just closed: text (or eot) next; an opening timestamp: its closing one next
+            logits.masked_fill_((last_was & penultimate_was)[:, None] & (vocab >= begin), -np.inf)
+            logits.masked_fill_((last_was & ~penultimate_was)[:, None] & (vocab < eot), -np.inf)
+            # no going back in time, and every segment has a nonzero length
+            position = torch.arange(n, device=tokens.device)
+            last_index = torch.where(is_stamp, position, -1).max(dim=1).values  # [B], -1: no timestamp yet
+            last_stamp = sampled.gather(1, last_index.clamp(min=0)[:, None])[:, 0]
+            bound = torch.where(last_was & ~penultimate_was, last_stamp, last_stamp + 1)
+            banned = (vocab >= begin) & (vocab < bound[:, None]) & (last_index >= 0)[:, None]
+            logits.masked_fill_(banned.to(logits.device), -np.inf)
+        else:
             logits[:, :begin] = -np.inf  # the first sampled token is a timestamp
             if self.max_initial_timestamp_index is not None:
                 logits[:, begin + self.max_initial_timestamp_index + 1 :] = -np.inf
         logprobs = F.log_softmax(logits.float(), dim=-1)
         timestamp_logprob = logprobs[:, begin:].logsumexp(dim=-1)
         max_text_logprob = logprobs[:, :begin].max(dim=-1).values
-        logits[timestamp_logprob > max_text_logprob, :begin] = -np.inf
+        logits.masked_fill_((timestamp_logprob > max_text_logprob)[:, None] & (vocab < begin), -np.inf)
 
 
 def suppress_token_ids(tokenizer: WhisperTokenizer, suppress_tokens) -> tuple[int, ...]:
@@ -152,6 +155,7 @@ def detect_language(engine, tokenizer: WhisperTokenizer, audio_features: torch.T
     tokens = torch.full((n, 1), tokenizer.special.sot, dtype=torch.long)
     engine.start(audio_features, 1, torch.zeros(n, dtype=torch.long))
     logits, _ = engine.prefill(tokens, torch.zeros(n, dtype=torch.long))
+    logits = logits.cpu()
     language_ids = torch.tensor(tokenizer.special.language_tokens)
     probs = logits[:, language_ids].float().softmax(dim=-1)
     codes = list(LANGUAGES)[: len(language_ids)]
@@ -238,9 +242,12 @@ class DecodingTask:
         decoder = self._decoder()
         decoder.reset()
         filters = self._filters(width)
-        sum_logprobs = torch.zeros(tokens.shape[0])
         logits, at_sot = self.engine.prefill(tokens, sot_rows)
         no_speech_probs = at_sot.float().softmax(dim=-1)[::g, tok.special.no_speech].tolist()
+        # the loop runs where the engine's logits are: on a GPU engine no logits cross to the host
+        device = logits.device
+        tokens, pad_rows = tokens.to(device), pad_rows.to(device)
+        sum_logprobs = torch.zeros(tokens.shape[0], device=device)
         for i in range(self.sample_len):
             if i > 0:  # the new token of every row, at its own position (its column minus its padding)
                 logits = self.engine.step(tokens[:, -1], tokens.shape[1] - 1 - pad_rows)
@@ -251,6 +258,7 @@ class DecodingTask:
             if completed or tokens.shape[-1] > self.n_ctx:
                 break
 
+        tokens, sum_logprobs = tokens.cpu(), sum_logprobs.cpu()
         candidates, scores = decoder.finalize(tokens.reshape(n_audio, g, -1), sum_logprobs.reshape(n_audio, g))
         eot = tok.special.eot
         candidates = [[t[width : _first(t, eot, width)] for t in group] for group in candidates]

@@ -8,7 +8,7 @@ Decoding talks to an engine through five calls, so the CUDA-graph engine (``grap
 - ``prefill(tokens [rows, L], sot_index [rows]) -> (logits at the last token, logits at <|startoftranscript|>)``
 - ``step(tokens [rows], positions [rows]) -> logits [rows, V]``: one new token per row at its position
 - ``reorder(rows)``: row i now continues what row ``rows[i]`` held (beam search)
-Logits are fp32 on the CPU.
+Logits are fp32, on the engine's device (decoding runs its loop there), each call a fresh tensor.
 """
 
 from __future__ import annotations

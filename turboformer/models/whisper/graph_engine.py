@@ -210,7 +210,7 @@ class GraphEngine:
         at = torch.arange(rows, device=self.device)
         last = h[at, (lengths - 1).to(self.device)]
         sot = h[at, (sot_index - self.pads).to(self.device)]
-        logits = F.linear(torch.stack([last, sot]), self.embedding.to(self.dtype)).float().cpu()
+        logits = F.linear(torch.stack([last, sot]), self.embedding).float()
         self.pos[:rows] = (lengths - 1).to(self.device)  # the last prompt token's column
         return logits[0], logits[1]
 
@@ -243,7 +243,7 @@ class GraphEngine:
         self.tokens[: self.rows] = tokens.to(self.device)
         self.pos[: self.rows] = positions.to(self.device)
         self.step_graph.run(self.bucket)
-        return self.logits[: self.rows].to("cpu", copy=True)  # a copy: the static buffer is rewritten next step
+        return self.logits[: self.rows].clone()  # a copy: the static buffer is rewritten next step
 
     @torch.inference_mode()
     def reorder(self, rows: torch.Tensor) -> None:
