@@ -28,7 +28,7 @@ VARIANTS = {"gemm": {}, "int8": {"quantize": "int8"}}
 
 def per_token_ms(engine, config, n_tokens=100):
     eot = 50257 if config.multilingual else 50256
-    suppress = torch.zeros(config.n_vocab)
+    suppress = torch.zeros(config.n_vocab, device=engine.device)
     suppress[eot] = -math.inf
     features = engine.encode(torch.randn(1, config.n_mels, 3000, device="cuda"))
     prompt = torch.tensor([prompt_for(config)])

@@ -25,5 +25,5 @@ else
   export TURBOFORMER_SPEECH_DIR=$PWD/.gpudata/speech TURBOFORMER_TINY_EN_DIR=$PWD/.gpucache/tiny.en
   python3 -m pytest -p no:cacheprovider -q -rs -s tests/models/whisper/test_graph_engine.py tests/kernels 2>&1 | tee "$OUT/pytest_gpu.log" | grep -v "^\.*$" | tail -30
   python3 benchmarks/bench_whisper_natural.py --model .gpucache/tiny.en --speech .gpudata/speech --out "$OUT/whisper_natural.json" 2>&1 | grep -v "^\[transformers\]"
-  python3 benchmarks/profile_decode_step.py --model large-v3 --batch 1 > "$OUT/profile.log" 2>&1
+  [ "${PROFILE:-1}" = 0 ] || python3 benchmarks/profile_decode_step.py --model large-v3 --batch 1 > "$OUT/profile.log" 2>&1
 fi

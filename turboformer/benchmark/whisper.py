@@ -92,7 +92,7 @@ def bench_ours(model, config, batches, mel, options) -> tuple[dict, GraphEngine]
     torch.cuda.synchronize()
     build_s = time.perf_counter() - started
     eot = 50257 if config.multilingual else 50256
-    suppress = torch.zeros(config.n_vocab)
+    suppress = torch.zeros(config.n_vocab, device=engine.device)  # where the engine's logits are
     suppress[eot] = -math.inf
     rows = {}
     for batch in batches:

@@ -85,7 +85,7 @@ def _greedy_both_ways(model, engine, audio, n_tokens=24):
     tok = model.tokenizer
     mel = pad_or_trim(log_mel_spectrogram(audio, model.config.n_mels), 3000)[None]
     prompt = torch.tensor([list(tok.sot_sequence(None)) + [tok.special.no_timestamps]])
-    suppress = torch.zeros(model.config.n_vocab)
+    suppress = torch.zeros(model.config.n_vocab, device=engine.device)  # the engine's logits live there
     suppress[tok.special.eot] = -float("inf")  # fixed-length decoding, as the benchmark does
     features = engine.encode(mel)
     engine.start(features, 1, torch.zeros(1, dtype=torch.long))
