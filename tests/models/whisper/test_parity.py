@@ -143,6 +143,14 @@ def test_named_configs_have_the_published_sizes(name):
     assert config.n_mels == (128 if name in ("large-v3", "large", "large-v3-turbo", "turbo") else 80)
 
 
+def test_unknown_size_is_a_clear_error():
+    from turboformer.models.whisper.config import config_from_name
+
+    assert config_from_name("turbo") == WHISPER_CONFIGS["large-v3-turbo"]
+    with pytest.raises(ValueError, match="unknown Whisper size 'huge'; known sizes: base, base.en"):
+        config_from_name("huge")
+
+
 def test_real_checkpoints_have_the_named_configs(tiny_en_checkpoint, base_checkpoint):
     assert tiny_en_checkpoint.config == WHISPER_CONFIGS["tiny.en"]
     assert base_checkpoint.config == WHISPER_CONFIGS["base"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from dataclasses import replace
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -141,8 +142,6 @@ class WhisperModel:
         Inputs are file paths (any format PyAV reads), bytes of a file, or float32 arrays at 16 kHz.
         Keyword overrides set fields of ``TranscribeOptions`` (e.g. ``beam_size=5, language="fr"``).
         """
-        from dataclasses import replace
-
         options = replace(options or TranscribeOptions(), **overrides)
         single = not isinstance(audio, (list, tuple))
         inputs = [audio] if single else list(audio)

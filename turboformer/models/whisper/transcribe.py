@@ -10,7 +10,7 @@ each file's own prompt (left-padded), so a file's result does not depend on its 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -274,7 +274,3 @@ def _is_silence(result: DecodingResult, options: TranscribeOptions) -> bool:
         silent = False
     return silent
 
-
-def options_for(options: TranscribeOptions | None, **overrides) -> TranscribeOptions:
-    options = options or TranscribeOptions()
-    return replace(options, **overrides) if overrides else options
