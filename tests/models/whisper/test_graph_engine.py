@@ -202,3 +202,14 @@ def test_packed_linear_equals_f_linear_and_int8_stays_close():
     int8 = PackedLinear(weight, bias, torch.float32, int8=True)
     assert int8.weight.dtype == torch.int8 and int8.nbytes < weight.numel() * 4 / 3
     assert (int8(x) - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+def test_batches_are_cut_to_the_engines_largest_bucket(tiny_en, librivox):
+    """8 files x 3 beams do not fit a 4-row engine: it decodes one file (3 rows) at a time, same results."""
+    clips = [a for _, a, _ in librivox[:3]]
+    engine = _graph_engine(tiny_en, dtype=torch.float32, cuda_graphs=False, buckets=(4,))
+    options = TranscribeOptions(temperature=(0.0,), beam_size=3, batch_size=8, without_timestamps=True)
+    expected = transcribe_batch(tiny_en.engine, tiny_en.tokenizer, clips, options)
+    assert _segments(transcribe_batch(engine, tiny_en.tokenizer, clips, options)) == _segments(expected)
+    with pytest.raises(ValueError, match="exceed the engine's largest batch bucket"):
+        transcribe_batch(engine, tiny_en.tokenizer, clips[:1], TranscribeOptions(beam_size=5))

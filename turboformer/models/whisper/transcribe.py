@@ -221,8 +221,14 @@ def transcribe_batch(
         for state, probs in zip(group, detect_language(engine, tokenizer, engine.encode(mel))):
             state.language, state.language_probs = max(probs, key=probs.get), probs
 
+    # files per iteration: the batch size, within the engine's largest batch bucket (rows = files x beams)
+    group = max(options.beam_size or 1, options.best_of or 1)
+    capacity = getattr(engine, "max_rows", None)
+    per_step = options.batch_size if capacity is None else max(1, min(options.batch_size, capacity // group))
+    if capacity is not None and group > capacity:
+        raise ValueError(f"{group} beams/samples per file exceed the engine's largest batch bucket ({capacity})")
     while True:
-        active = [s for s in states if not s.done][: options.batch_size]
+        active = [s for s in states if not s.done][:per_step]
         if not active:
             break
         sizes = [min(N_FRAMES, s.content_frames - s.seek) for s in active]
