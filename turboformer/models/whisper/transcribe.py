@@ -211,22 +211,22 @@ def transcribe_batch(
             state.prompt_tokens = len(state.all_tokens)
         states.append(state)
 
-    total_frames = sum(s.content_frames for s in states)
-    bar = tqdm(total=total_frames, unit="frames", disable=not progress, desc="transcribe", leave=False)
-    # languages from each file's first window, batched
-    unknown = [s for s in states if s.language is None]
-    for i in range(0, len(unknown), options.batch_size):
-        group = unknown[i : i + options.batch_size]
-        mel = torch.stack([pad_or_trim(s.mel, N_FRAMES) for s in group])
-        for state, probs in zip(group, detect_language(engine, tokenizer, engine.encode(mel))):
-            state.language, state.language_probs = max(probs, key=probs.get), probs
-
     # files per iteration: the batch size, within the engine's largest batch bucket (rows = files x beams)
     group = max(options.beam_size or 1, options.best_of or 1)
     capacity = getattr(engine, "max_rows", None)
     per_step = options.batch_size if capacity is None else max(1, min(options.batch_size, capacity // group))
     if capacity is not None and group > capacity:
         raise ValueError(f"{group} beams/samples per file exceed the engine's largest batch bucket ({capacity})")
+    total_frames = sum(s.content_frames for s in states)
+    bar = tqdm(total=total_frames, unit="frames", disable=not progress, desc="transcribe", leave=False)
+    # languages from each file's first window, batched
+    unknown = [s for s in states if s.language is None]
+    for i in range(0, len(unknown), per_step):
+        first_windows = unknown[i : i + per_step]
+        mel = torch.stack([pad_or_trim(s.mel, N_FRAMES) for s in first_windows])
+        for state, probs in zip(first_windows, detect_language(engine, tokenizer, engine.encode(mel))):
+            state.language, state.language_probs = max(probs, key=probs.get), probs
+
     while True:
         active = [s for s in states if not s.done][:per_step]
         if not active:
