@@ -155,6 +155,16 @@ def add_bench_parser(subparsers) -> None:
                             description=bench_whisper.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench_whisper.add_arguments(w)
     w.set_defaults(func=bench_whisper.run)
+    for name, module, help_text in (
+        ("conformer", "turboformer.benchmark.conformer", "WeNet U2++ Conformer: ours vs our fp32 eager and PyTorch fp16"),
+        ("lite-transformer", "turboformer.benchmark.lite_transformer", "Lite Transformer: ours vs our fp32 eager"),
+        ("sam", "turboformer.benchmark.sam", "SAM image encoder and mask decoder: ours vs eager and upstream"),
+    ):
+        bench = importlib.import_module(module)
+        b = families.add_parser(name, help=help_text, description=bench.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+        bench.add_arguments(b)
+        b.set_defaults(func=bench.run)
 
 
 def add_eval_parser(subparsers) -> None:

@@ -30,7 +30,11 @@ from pathlib import Path
 import torch
 
 from turboformer.models.whisper.config import WHISPER_CONFIGS
-from turboformer.models.whisper.convert import random_model, random_state, to_huggingface
+from turboformer.models.whisper.convert import (
+    random_model,
+    random_state,
+    to_huggingface,
+)
 from turboformer.models.whisper.graph_engine import EngineOptions, GraphEngine
 
 PROMPT_TOKENS = 4

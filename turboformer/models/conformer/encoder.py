@@ -20,6 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# Called as dwconv.depthwise_conv1d (module attribute), so a test can route it to the Triton launcher on CPU.
+from turboformer.kernels import depthwise_conv as dwconv
+from turboformer.kernels.depthwise_conv import fold_batch_norm
+
 from .attention import RelPositionAttention
 from .config import POSITIONAL_ROWS, EncoderConfig
 
@@ -149,6 +153,32 @@ class ConvolutionModule(nn.Module):
         else:
             self.norm = nn.BatchNorm1d(channels, eps=norm_eps)
         self.pointwise_conv2 = nn.Linear(channels, channels)
+        self._folded: tuple | None = None  # (key, weight [D, K], bias [D]) of the BatchNorm-folded conv
+
+    def _apply(self, fn, recurse=True):
+        self._folded = None  # .to(dtype/device) replaces the tensors the folded copy came from
+        return super()._apply(fn, recurse)
+
+    def conv_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Depthwise conv weight [D, K] and bias [D] as the kernel takes them: with an (eval) BatchNorm folded
+        in (:func:`fold_batch_norm`), else the conv's own (views, no copy).
+
+        The fold is computed on first use after loading and cached; in-place updates of the conv or BatchNorm
+        tensors (``load_state_dict``, ``copy_``) bump their version counters and refresh it.
+        """
+        conv = self.depthwise_conv
+        if not isinstance(self.norm, nn.BatchNorm1d):
+            return conv.weight.squeeze(1), conv.bias
+        bn = self.norm
+        sources = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        try:
+            key = tuple((id(t), t._version) for t in sources)
+        except RuntimeError:  # tensors created under inference_mode have no version counter: fold every call
+            key = None
+        if key is None or self._folded is None or self._folded[0] != key:
+            with torch.no_grad():
+                self._folded = (key, *fold_batch_norm(conv.weight, conv.bias, self.norm))
+        return self._folded[1], self._folded[2]
 
     def forward(
         self, x: torch.Tensor, pad_mask: torch.Tensor | None, cache: torch.Tensor | None = None
@@ -172,14 +202,21 @@ class ConvolutionModule(nn.Module):
                 x = torch.cat([cache.transpose(1, 2), x], dim=1)
             new_cache = x[:, -self.lorder :].transpose(1, 2)  # [B, D, K - 1]
         x = F.glu(self.pointwise_conv1(x), dim=-1)  # [B, T (+K-1), D]
-        if pad_mask is not None and self.lorder == 0:
-            x = x.masked_fill(~pad_mask.unsqueeze(-1), 0.0)  # padding = the zeros of an unpadded utterance
-        x = self.depthwise_conv(x.transpose(1, 2))  # [B, D, T]
-        if isinstance(self.norm, nn.BatchNorm1d):
-            x = self.norm(x).transpose(1, 2)  # running statistics (eval mode)
-        else:
-            x = self.norm(x.transpose(1, 2))  # [B, T, D]
-        x = self.pointwise_conv2(F.silu(x))
+        # Depthwise conv on the channel-last GLU output. Non-causal: padded frames read as zeros (the `valid`
+        # mask), i.e. the zeros of an unpadded utterance; causal: the K - 1 history frames are already in x.
+        weight, bias = self.conv_weights()
+        batch_norm = isinstance(self.norm, nn.BatchNorm1d)
+        x = dwconv.depthwise_conv1d(
+            x,
+            weight,
+            bias,
+            (0, 0) if self.lorder > 0 else self.depthwise_conv.padding * 2,
+            pad_mask if self.lorder == 0 else None,
+            "silu" if batch_norm else None,  # BatchNorm folded into the conv, Swish in its epilogue
+        )  # [B, T, D]
+        if not batch_norm:
+            x = F.silu(self.norm(x))
+        x = self.pointwise_conv2(x)
         if pad_mask is not None:
             x = x.masked_fill(~pad_mask.unsqueeze(-1), 0.0)
         return x, new_cache

@@ -24,27 +24,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from turboformer.kernels.dynamic_conv import dynamic_conv, dynamic_conv_step
+
 
 def dynamic_conv1d(x: Tensor, weight: Tensor, padding_l: int) -> Tensor:
     """Depth-wise convolution with one (already normalised) kernel per batch row, time step and head.
 
     x: [B, T, C]; weight: [B, T, H, K] (or broadcastable to it, e.g. [1, 1, H, K] for lightweight kernels);
     padding_l: zeros in front of the sequence (K - 1 - padding_l zeros follow it). Returns [B, T, C].
+    Runs :func:`turboformer.kernels.dynamic_conv.dynamic_conv` (Triton on CUDA, the unfold reference otherwise).
     """
-    B, T, C = x.shape
+    C = x.shape[-1]
     H, K = weight.shape[-2:]
     if C % H:
         raise ValueError(f"{C} channels cannot be split into {H} heads")
     if not 0 <= padding_l < K:
         raise ValueError(f"padding_l {padding_l} must be in [0, {K})")
-    padded = F.pad(x, (0, 0, padding_l, K - 1 - padding_l))  # [B, T + K - 1, C]
-    windows = padded.unfold(1, K, 1).reshape(B, T, H, C // H, K)  # [B, T, H, R, K]: taps of each output step
-    out = windows @ weight.expand(B, T, H, K).unsqueeze(-1)  # [B, T, H, R, 1]
-    return out.reshape(B, T, C)
+    return dynamic_conv(x, weight, padding_l)
 
 
 class _ConvBranch(nn.Module):
-    """Shared projections and decoding state of the two convolution kinds; subclasses define ``kernels``."""
+    """Shared projections and decoding state of the two convolution kinds; subclasses define ``logits``."""
 
     def __init__(self, dim: int, kernel_size: int, heads: int, padding_l: int, weight_softmax: bool) -> None:
         super().__init__()
@@ -60,9 +60,14 @@ class _ConvBranch(nn.Module):
         """[..., C] -> [..., C]: linear1 (+ GLU)."""
         return x if self.linear1 is None else self.linear1(x)
 
+    def logits(self, x: Tensor) -> Tensor:
+        """Projected input [B, T, C] -> kernels before the softmax [B or 1, T or 1, H, K] (normalised by
+        ``normalise``, or by the convolution op itself, which fuses the softmax)."""
+        raise NotImplementedError
+
     def kernels(self, x: Tensor) -> Tensor:
         """Projected input [B, T, C] -> normalised kernels [B or 1, T or 1, H, K]."""
-        raise NotImplementedError
+        return self.normalise(self.logits(x), x)
 
     def normalise(self, weight: Tensor, like: Tensor) -> Tensor:
         """Softmax over the K taps, computed in float32 (Sec. 3.1), returned in the activations' dtype."""
@@ -71,7 +76,7 @@ class _ConvBranch(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x: [B, T, C] -> [B, T, C] over the whole sequence."""
         x = self.project_in(x)
-        out = dynamic_conv1d(x, self.kernels(x), self.padding_l)
+        out = dynamic_conv(x, self.logits(x), self.padding_l, self.weight_softmax)  # softmax fused (fp32)
         return out if self.linear2 is None else self.linear2(out)
 
     def new_buffer(self, batch_size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -88,14 +93,9 @@ class _ConvBranch(nn.Module):
         tap k (which reads x[t - K + 1 + k]) sits in slot (t + 1 + k) mod K: rolling the kernel by (t + 1) mod K
         lines it up with the slots. Slots not yet written are zero, like upstream's truncated first steps.
         """
-        B, _, C = x.shape
-        K, H = self.kernel_size, self.heads
         x = self.project_in(x)  # [B, 1, C]
-        buffer[:, position % K] = x[:, 0]
-        weight = self.kernels(x)[:, 0].expand(B, H, K)  # [B, H, K]
-        weight = torch.roll(weight, shifts=(position + 1) % K, dims=-1)
-        window = buffer.view(B, K, H, C // H).permute(0, 2, 3, 1)  # [B, H, R, K]
-        out = (window @ weight.unsqueeze(-1)).reshape(B, 1, C)
+        out = dynamic_conv_step(x[:, 0], buffer, self.logits(x)[:, 0], position, self.weight_softmax)  # [B, C]
+        out = out[:, None]
         return out if self.linear2 is None else self.linear2(out)
 
 
@@ -124,9 +124,9 @@ class DynamicConv(_ConvBranch):
         x = super().project_in(x)
         return F.glu(x, dim=-1) if self.glu else x
 
-    def kernels(self, x: Tensor) -> Tensor:
+    def logits(self, x: Tensor) -> Tensor:
         B, T, _ = x.shape
-        return self.normalise(self.weight_linear(x).view(B, T, self.heads, self.kernel_size), x)
+        return self.weight_linear(x).view(B, T, self.heads, self.kernel_size)
 
 
 class LightweightConv(_ConvBranch):
@@ -148,5 +148,5 @@ class LightweightConv(_ConvBranch):
             self.linear1 = nn.Linear(dim, dim)
             self.linear2 = nn.Linear(dim, dim)
 
-    def kernels(self, x: Tensor) -> Tensor:
-        return self.normalise(self.weight, x).view(1, 1, self.heads, self.kernel_size)
+    def logits(self, x: Tensor) -> Tensor:
+        return self.weight.view(1, 1, self.heads, self.kernel_size)

@@ -6,12 +6,15 @@ four, and decomposed relative positions in every attention (MViTv2, arXiv 2112.0
 
 A 1024 x 1024 image becomes a 64 x 64 grid of tokens; the neck maps it to a ``[B, 256, 64, 64]``
 image embedding. All attention maths goes through :func:`attention_with_rel_pos`, the single place a
-fused kernel (flash attention with the rel-pos bias added per tile) replaces the reference.
+fused kernel (``turboformer/kernels/rel_pos_attention.py``: flash attention with the rel-pos bias added
+per tile) replaces the reference on CUDA.
 """
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from turboformer.kernels.rel_pos_attention import rel_pos_attention
 
 from .config import SamConfig
 from .layers import FeedForward, LayerNorm2d
@@ -57,7 +60,9 @@ def decomposed_rel_pos(
 def attention_with_rel_pos(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor
 ) -> torch.Tensor:
-    """``softmax(q k^T / sqrt(D) + rel_h + rel_w) v``: the reference the fused kernel must match.
+    """``softmax(q k^T / sqrt(D) + rel_h + rel_w) v`` through the kernel dispatcher
+    :func:`turboformer.kernels.rel_pos_attention.rel_pos_attention`: the fused Triton flash attention on
+    CUDA, upstream's explicit-bias maths in fp32 (the reference) on the CPU or under ``use_reference()``.
 
     Args:
         q, k, v: ``[BH, N, D]`` with ``N = H * W``.
@@ -67,12 +72,9 @@ def attention_with_rel_pos(
     Returns:
         ``[BH, N, D]``.
     """
-    bh, n, d = q.shape
-    h, w = rel_h.shape[1], rel_h.shape[2]
-    attn = (q * d**-0.5) @ k.transpose(-2, -1)  # [BH, N, N]
-    attn = attn.view(bh, h, w, h, w) + rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]
-    attn = attn.view(bh, n, n).softmax(dim=-1)
-    return attn @ v
+    bh, n, _ = q.shape
+    # [BH, H, W, H] -> [BH, N, H]: a view (decomposed_rel_pos returns contiguous terms)
+    return rel_pos_attention(q, k, v, rel_h.reshape(bh, n, -1), rel_w.reshape(bh, n, -1))
 
 
 class RelPosAttention(nn.Module):

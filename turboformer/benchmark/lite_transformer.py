@@ -1,0 +1,231 @@
+"""Lite Transformer translation: our fp16 CUDA path (Triton dynamic convolution, static decoding caches) against our
+fp32 eager path (every op on its PyTorch reference), the baseline of the issue, same random weights and inputs.
+
+For a named size (default ``wmt-en-de``: the paper's WMT'14 En-De model, embed 496, random weights), every batch
+size x source length x beam size:
+- latency: encoder + beam search to ``max_len = 2 x source length`` target tokens (random weights almost never emit
+  </s>, so every hypothesis runs to max_len), ms (median, CUDA events on CUDA);
+- target tokens/s: tokens of the best hypotheses per second; speedup: baseline latency / ours;
+- hypotheses: the fraction of sentences whose best hypothesis is the baseline's, for ours in fp16 and for the
+  kernel path in fp32 (which must match the reference up to near-ties).
+
+    turboformer bench lite_transformer [--config wmt-en-de] [--batches 1 16] [--src-lens 8 32] [--beams 1 4]
+    turboformer bench lite_transformer --device cpu --config tiny      (logic check on CPU: no kernels, no GPU)
+
+Writes benchmarks/results/<gpu>/lite_transformer.{json,md} under ``--out`` (default ``benchmarks/results``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from turboformer.kernels import use_reference, utils
+from turboformer.models.lite_transformer.config import (
+    BranchSpec,
+    LiteTransformerConfig,
+    StackConfig,
+)
+from turboformer.models.lite_transformer.generate import (
+    BeamSearch,
+    BeamSearchOptions,
+    Hypothesis,
+    SpecialTokens,
+)
+from turboformer.models.lite_transformer.model import LiteTransformer, build_model
+
+EOS, PAD, UNK = 2, 1, 3  # fairseq Dictionary ids
+LENPEN = 0.6  # the repo's WMT evaluation setting
+MAX_LEN_FACTOR = 2  # target tokens decoded per source token
+
+
+def tiny_config() -> LiteTransformerConfig:
+    """A tiny model for CPU checks: every branch kind, centred and causal convolutions, odd channels per head."""
+    encoder = StackConfig(16, 16, 2, (BranchSpec("attn", 8, 2), BranchSpec("dynamic", 8, 2)), (3, 5), 2)
+    decoder = StackConfig(
+        16,
+        16,
+        2,
+        (BranchSpec("attn", 6, 2), BranchSpec("dynamic", 6, 2), BranchSpec("lightweight", 4, 2)),
+        (3, 4),
+        2,
+        max_positions=128,
+    )
+    return LiteTransformerConfig(src_vocab_size=40, tgt_vocab_size=40, encoder=encoder, decoder=decoder)
+
+
+def config_for(name: str) -> LiteTransformerConfig:
+    return tiny_config() if name == "tiny" else LiteTransformerConfig.from_name(name)
+
+
+@dataclass(frozen=True)
+class Case:
+    batch: int
+    src_len: int
+    beam: int
+
+
+@dataclass(frozen=True)
+class _Decoder:
+    """:class:`.generate.IncrementalDecoder` over a model's decoder and its static cache."""
+
+    model: LiteTransformer
+    cache: object
+
+    def log_probs(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.log_probs(self.model.decoder.step(tokens[:, -1], self.cache))
+
+    def reorder(self, order: torch.Tensor) -> None:
+        self.cache.reorder(order)
+
+
+@torch.inference_mode()
+def translate(model: LiteTransformer, src: torch.Tensor, beam: int) -> list[Hypothesis]:
+    """Encoder + beam search for src [B, S] (no padding, rows end with </s>) -> the best hypothesis per row."""
+    B, S = src.shape
+    max_len = MAX_LEN_FACTOR * S
+    encoder_out = model.encoder(src)
+    rows = torch.arange(B, device=src.device).repeat_interleave(beam)
+    cache = model.decoder.new_cache(encoder_out.index_select(rows), max_len + 1)
+    search = BeamSearch(BeamSearchOptions(beam, LENPEN), SpecialTokens(eos=EOS, pad=PAD, unk=UNK, start=EOS))
+    return [nbest[0] for nbest in search(_Decoder(model, cache), B, max_len, src.device)]
+
+
+def timed_ms(fn: Callable[[], object], device: torch.device, repeat: int, warmup: int = 1) -> float:
+    """Median wall milliseconds of fn() (CUDA events on CUDA: beam search syncs on the host anyway)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            started = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - started) * 1e3)
+    return statistics.median(times)
+
+
+def sources(case: Case, vocab: int, device: torch.device) -> torch.Tensor:
+    """Random source sentences [B, S] of real symbols (ids >= 4) ending with </s>."""
+    generator = torch.Generator().manual_seed(case.batch * 1000 + case.src_len)
+    src = torch.randint(4, vocab, (case.batch, case.src_len), generator=generator)
+    src[:, -1] = EOS
+    return src.to(device)
+
+
+def bench_case(case: Case, ours: LiteTransformer, base: LiteTransformer, device: torch.device, repeat: int) -> dict:
+    src = sources(case, ours.config.src_vocab_size, device)
+    with use_reference():
+        base_hyps = translate(base, src, case.beam)
+        base_ms = timed_ms(lambda: translate(base, src, case.beam), device, repeat)
+    ours_hyps = translate(ours, src, case.beam)
+    ours_ms = timed_ms(lambda: translate(ours, src, case.beam), device, repeat)
+    kernels_fp32 = translate(base, src, case.beam)  # the kernel path on the baseline's fp32 weights
+    tokens = sum(len(h.tokens) for h in ours_hyps)
+    base_tokens = sum(len(h.tokens) for h in base_hyps)
+    return {
+        "batch": case.batch,
+        "src_len": case.src_len,
+        "beam": case.beam,
+        "ours_ms": ours_ms,
+        "baseline_ms": base_ms,
+        "ours_tokens_per_s": tokens / ours_ms * 1e3,
+        "baseline_tokens_per_s": base_tokens / base_ms * 1e3,
+        "speedup": base_ms / ours_ms,
+        "equal_fp16": sum(a.tokens == b.tokens for a, b in zip(ours_hyps, base_hyps)) / case.batch,
+        "equal_kernels_fp32": sum(a.tokens == b.tokens for a, b in zip(kernels_fp32, base_hyps)) / case.batch,
+    }
+
+
+def markdown(results: dict) -> str:
+    lines = [
+        (
+            f"# Lite Transformer {results['config']} on {results['gpu']}: ours ({results['dtype']}, kernels) vs "
+            "our fp32 eager reference path"
+        ),
+        "",
+        (
+            f"torch {results['torch']}; random weights; beam search to {MAX_LEN_FACTOR} x source length target "
+            f"tokens, lenpen {LENPEN}; latency = encoder + search, median of {results['repeat']}."
+        ),
+        "",
+        (
+            "| batch | src len | beam | ours ms | fp32 eager ms | speedup | ours tok/s | fp32 eager tok/s "
+            "| same hyp fp16 | same hyp kernels fp32 |"
+        ),
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results["rows"]:
+        lines.append(
+            f"| {r['batch']} | {r['src_len']} | {r['beam']} | {r['ours_ms']:.1f} | {r['baseline_ms']:.1f} "
+            f"| {r['speedup']:.2f}x | {r['ours_tokens_per_s']:.0f} | {r['baseline_tokens_per_s']:.0f} "
+            f"| {r['equal_fp16']:.0%} | {r['equal_kernels_fp32']:.0%} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="wmt-en-de", help="named size (wmt-en-de, wmt-en-de-408, ...) or 'tiny'")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--src-lens", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--beams", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--repeat", type=int, default=5, help="timed runs per case (median)")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: logic check only (fp32)")
+    parser.add_argument("--out", default="benchmarks/results", help="results folder (a <gpu> folder goes inside)")
+    parser.add_argument("--name", default="lite_transformer", help="file name of the results, without extension")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def run(args) -> int:
+    # the benchmark measures our kernels: turn on the ones not yet verified on a GPU (kernels/utils.py)
+    os.environ.setdefault(utils.UNVERIFIED_ENV_VAR, "1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench lite_transformer: needs a CUDA GPU (or --device cpu --config tiny for a logic check)", file=sys.stderr)
+        return 2
+    device = torch.device(args.device)
+    # fp16 on CUDA; on CPU (the logic check) fp32, where fp16 matmuls are slow or missing
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    torch.manual_seed(0)
+    base = build_model(config_for(args.config)).eval().to(device)
+    ours = build_model(config_for(args.config)).eval()
+    ours.load_state_dict(base.state_dict())
+    ours = ours.to(device=device, dtype=dtype)
+    results = {"gpu": gpu, "config": args.config, "dtype": str(dtype).removeprefix("torch."),
+               "torch": torch.__version__, "repeat": args.repeat, "rows": []}  # fmt: skip
+    for batch in args.batches:
+        for src_len in args.src_lens:
+            for beam in args.beams:
+                row = bench_case(Case(batch, src_len, beam), ours, base, device, args.repeat)
+                results["rows"].append(row)
+                print(markdown({**results, "rows": [row]}).splitlines()[-1], flush=True)
+    out = Path(args.out) / gpu.replace(" ", "-")  # as bench whisper names it
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.name}.json").write_text(json.dumps(results, indent=1))
+    (out / f"{args.name}.md").write_text(markdown(results))
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
