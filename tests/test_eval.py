@@ -63,3 +63,32 @@ def librivox_clips():
     if not data.is_dir():
         pytest.fail(f"{data} missing: apt-get install pocketsphinx-testdata (CI installs it)")
     return [load_audio(p) for p in sorted(data.glob("*.wav"))]
+
+
+def test_translation_report_scores_bleu_against_upstream_outputs(tmp_path, capsys):
+    """BLEU of our fp32 translations against fairseq's own outputs for the fixture is 100 (they are identical)."""
+    import json
+    from pathlib import Path
+
+    from turboformer.eval.translation import corpus_bleu, evaluate_translation
+    from turboformer.models.lite_transformer.translate import TranslateOptions
+
+    fixture = Path(__file__).resolve().parents[2] / "shared" / "reference" / "lite_transformer"
+    if not fixture.is_dir():
+        pytest.fail(f"{fixture} missing: the upstream fixtures live in ../shared/reference")
+    sources = (fixture / "test.src").read_text().splitlines()
+    generated = json.loads((fixture / "expected_generate.json").read_text())["beam_lenpen0.6"]["batch"]
+    upstream = {row["id"]: (row["hypos"][0]["text"] + " ").replace("@@ ", "").rstrip() for row in generated}  # BPE off
+    references = [upstream[i] for i in range(len(sources))]
+    options = TranslateOptions(beam=4, lenpen=0.6, max_len_b=10)  # the fixture's generate.py settings
+    report = evaluate_translation(str(fixture), sources, references, "cpu", torch.bfloat16, options)
+    assert report.bleu[0] == pytest.approx(100.0) and report.sentences == 4
+    assert 0 <= report.hypotheses_equal <= 1 and 0 <= report.bleu[1] <= 100
+    assert corpus_bleu(["a b c d e"], ["x y z w v"]) == 0.0
+    (tmp_path / "refs.txt").write_text("\n".join(references) + "\n")
+    assert main(["eval", "lite-transformer", "--model", str(fixture), "--input", str(fixture / "test.src"),
+                 "--references", str(tmp_path / "refs.txt"), "--device", "cpu", "--max-len-b", "10"]) == 0
+    assert "BLEU against the references: fp32 100.00, candidate 100.00" in capsys.readouterr().out
+    (tmp_path / "short.txt").write_text("one line\n")
+    assert main(["eval", "lite-transformer", "--model", str(fixture), "--input", str(fixture / "test.src"),
+                 "--references", str(tmp_path / "short.txt"), "--device", "cpu"]) == 2

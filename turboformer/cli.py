@@ -92,7 +92,10 @@ def run_transcribe(args) -> int:
     from turboformer.models.whisper.load import CheckpointError
     from turboformer.models.whisper.pipeline import WhisperModel
     from turboformer.models.whisper.tokenizer import TokenizerError
-    from turboformer.models.whisper.transcribe import TranscribeOptions, transcribe_batch
+    from turboformer.models.whisper.transcribe import (
+        TranscribeOptions,
+        transcribe_batch,
+    )
     from turboformer.writers import write_result
 
     if args.batch_size < 1:
@@ -184,6 +187,22 @@ def add_eval_parser(subparsers) -> None:
     w.add_argument("--quantize", choices=("int8",), default=None)
     w.add_argument("--references", default=None, help="text file: one ground-truth transcript per audio file")
     w.set_defaults(func=run_eval_whisper)
+    t = families.add_parser(
+        "lite-transformer",
+        help="Lite Transformer: hypotheses and scores vs fp32 CPU, BLEU against references",
+        description="Translate with the fp32 CPU reference and with the engine under test (same weights); report "
+        "equal best hypotheses, score differences and corpus BLEU (sacrebleu) against the references.",
+    )
+    t.add_argument("--model", required=True, metavar="DIR", help="Lite Transformer (fairseq) model directory")
+    t.add_argument("--input", required=True, help="source sentences, one per line")
+    t.add_argument("--references", default=None, help="reference translations, one per line")
+    t.add_argument("--device", default=None, help="device of the engine under test (default: cuda if available)")
+    t.add_argument("--dtype", choices=DTYPES, default=None, help="default: float16 on cuda, float32 on cpu")
+    t.add_argument("--beam", type=int, default=4)
+    t.add_argument("--lenpen", type=float, default=0.6)
+    t.add_argument("--max-len-a", type=float, default=0.0, help="max length = a * source length + b")
+    t.add_argument("--max-len-b", type=int, default=200)
+    t.set_defaults(func=run_eval_translation)
 
 
 def run_eval_whisper(args) -> int:
@@ -210,6 +229,31 @@ def run_eval_whisper(args) -> int:
         return 2
     label = f"{args.model} on {device}, {str(dtype).removeprefix('torch.')}" + (f", {args.quantize}" if args.quantize else "")
     print(evaluate(reference, engine, audios, truths, label).text())
+    return 0
+
+
+def run_eval_translation(args) -> int:
+    import torch
+
+    from turboformer.eval.translation import evaluate_translation
+    from turboformer.models.lite_transformer.translate import TranslateOptions
+    from turboformer.models.whisper.pipeline import default_device
+
+    device = args.device or default_device()
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
+    try:
+        sentences = [line.rstrip("\n") for line in open(args.input, encoding="utf-8")]
+        references = None
+        if args.references:
+            references = [line.rstrip("\n") for line in open(args.references, encoding="utf-8")]
+            if len(references) != len(sentences):
+                raise ValueError(f"{args.references} has {len(references)} lines for {len(sentences)} source lines")
+        options = TranslateOptions(beam=args.beam, lenpen=args.lenpen, max_len_a=args.max_len_a, max_len_b=args.max_len_b)
+        report = evaluate_translation(args.model, sentences, references, device, dtype, options)
+    except (OSError, ValueError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(report.text())
     return 0
 
 
