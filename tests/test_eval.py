@@ -92,3 +92,38 @@ def test_translation_report_scores_bleu_against_upstream_outputs(tmp_path, capsy
     (tmp_path / "short.txt").write_text("one line\n")
     assert main(["eval", "lite-transformer", "--model", str(fixture), "--input", str(fixture / "test.src"),
                  "--references", str(tmp_path / "short.txt"), "--device", "cpu"]) == 2
+
+
+@pytest.mark.parametrize("unit", ["word", "char"])
+def test_error_rates_equal_jiwer(unit):
+    import jiwer
+
+    from turboformer.eval.metrics import error_rate
+
+    rng = np.random.default_rng(1)
+    words = ["a", "the", "dog", "cat", "ran", "sat", "on", "mat", "x"]
+    refs = [" ".join(rng.choice(words, rng.integers(1, 9))) for _ in range(30)]
+    hyps = [" ".join(rng.choice(words, rng.integers(0, 9))) for _ in range(30)]
+    expected = jiwer.wer(refs, [h or "" for h in hyps]) if unit == "word" else jiwer.cer(
+        [r.replace(" ", "") for r in refs], [h.replace(" ", "") for h in hyps])
+    assert error_rate(refs, hyps, unit) == pytest.approx(expected)
+    with pytest.raises(ValueError, match="references for"):
+        error_rate(["a"], [], unit)
+
+
+def test_conformer_report_on_the_wenet_fixture(capsys):
+    from pathlib import Path
+
+    fixture = Path(__file__).resolve().parents[2] / "shared" / "reference" / "wenet"
+    if not fixture.is_dir():
+        pytest.fail(f"{fixture} missing: the upstream fixtures live in ../shared/reference")
+    wav = str(fixture / "example.wav")
+    assert main(["eval", "conformer", wav, wav, "--model", str(fixture), "--device", "cpu", "--dtype", "bfloat16",
+                 "--beam-size", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "2 inputs; best hypotheses equal to fp32 CPU" in out and "CER against the fp32 texts" in out
+    from turboformer.eval.conformer import evaluate_recognition
+    from turboformer.models.conformer import RecognizeOptions
+
+    exact = evaluate_recognition(str(fixture), [wav], "cpu", torch.float32, RecognizeOptions(beam_size=4))
+    assert exact.hypotheses_equal == 1.0 and exact.cer_vs_fp32 == 0.0 and exact.max_score_diff == 0.0

@@ -203,6 +203,21 @@ def add_eval_parser(subparsers) -> None:
     t.add_argument("--max-len-a", type=float, default=0.0, help="max length = a * source length + b")
     t.add_argument("--max-len-b", type=int, default=200)
     t.set_defaults(func=run_eval_translation)
+    c = families.add_parser(
+        "conformer",
+        help="WeNet Conformer: hypotheses, scores and CER vs fp32 CPU (and vs references)",
+        description="Recognize with the fp32 CPU reference and with the engine under test (same weights); report "
+        "equal best hypotheses, score differences and character error rates.",
+    )
+    c.add_argument("audio", nargs="+", help="audio files")
+    c.add_argument("--model", required=True, metavar="DIR", help="WeNet model directory")
+    c.add_argument("--mode", default="attention_rescoring",
+                   choices=("ctc_greedy", "ctc_prefix_beam", "attention", "attention_rescoring"))
+    c.add_argument("--beam-size", type=int, default=10)
+    c.add_argument("--references", default=None, help="text file: one ground-truth transcript per audio file")
+    c.add_argument("--device", default=None, help="device of the engine under test (default: cuda if available)")
+    c.add_argument("--dtype", choices=DTYPES, default=None, help="default: float16 on cuda, float32 on cpu")
+    c.set_defaults(func=run_eval_conformer)
 
 
 def run_eval_whisper(args) -> int:
@@ -251,6 +266,30 @@ def run_eval_translation(args) -> int:
         options = TranslateOptions(beam=args.beam, lenpen=args.lenpen, max_len_a=args.max_len_a, max_len_b=args.max_len_b)
         report = evaluate_translation(args.model, sentences, references, device, dtype, options)
     except (OSError, ValueError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(report.text())
+    return 0
+
+
+def run_eval_conformer(args) -> int:
+    import torch
+
+    from turboformer.eval.conformer import evaluate_recognition
+    from turboformer.models.conformer import RecognizeOptions
+    from turboformer.models.whisper.pipeline import default_device
+
+    device = args.device or default_device()
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
+    try:
+        truths = None
+        if args.references:
+            truths = [line.strip() for line in open(args.references, encoding="utf-8") if line.strip()]
+            if len(truths) != len(args.audio):
+                raise ValueError(f"{args.references} has {len(truths)} transcripts for {len(args.audio)} audio files")
+        options = RecognizeOptions(mode=args.mode, beam_size=args.beam_size)
+        report = evaluate_recognition(args.model, list(args.audio), device, dtype, options, truths)
+    except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(report.text())

@@ -12,13 +12,13 @@ reference transcripts (and against ground truth when given).
 from __future__ import annotations
 
 import copy
-import re
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from turboformer.audio import N_FRAMES, log_mel_spectrogram, pad_or_trim
+from turboformer.eval.metrics import error_rate, normalize_text
 from turboformer.eval.tensor_stats import TensorStats, tensor_stats
 from turboformer.models.whisper.graph_engine import EngineOptions, GraphEngine
 from turboformer.models.whisper.pipeline import WhisperModel
@@ -34,7 +34,7 @@ class WhisperEvalReport:
     encoder: TensorStats
     argmax_agreement: float  # share of positions where the candidate's top token equals the reference's
     transcripts_equal: float  # share of inputs whose greedy transcript equals the fp32 one
-    wer_vs_fp32: float | None  # candidate transcripts scored against the fp32 ones (None without jiwer)
+    wer_vs_fp32: float  # candidate transcripts scored against the fp32 ones
     wer_vs_truth: tuple[float, float] | None  # (fp32, candidate) against ground truth, when given
 
     def text(self) -> str:
@@ -44,24 +44,14 @@ class WhisperEvalReport:
             f"encoder output vs fp32 CPU: {self.encoder.row()}",
             f"argmax agreement {self.argmax_agreement:.2%}; transcripts equal {self.transcripts_equal:.0%}",
         ]
-        if self.wer_vs_fp32 is not None:
-            lines.append(f"WER of the candidate against the fp32 transcripts: {self.wer_vs_fp32:.2%}")
+        lines.append(f"WER of the candidate against the fp32 transcripts: {self.wer_vs_fp32:.2%}")
         if self.wer_vs_truth is not None:
             lines.append(f"WER against the references: fp32 {self.wer_vs_truth[0]:.2%}, candidate {self.wer_vs_truth[1]:.2%}")
         return "\n".join(lines)
 
 
-def _normalize(text: str) -> str:
-    """Lower case, punctuation out: WER counts words, not their spelling on the page."""
-    return " ".join(re.sub(r"[^\w\s']", " ", text.lower()).split()) or "-"
-
-
-def _wer(references: list[str], hypotheses: list[str]) -> float | None:
-    try:
-        import jiwer
-    except ImportError:
-        return None
-    return jiwer.wer([_normalize(r) for r in references], [_normalize(h) for h in hypotheses])
+def _wer(references: list[str], hypotheses: list[str]) -> float:
+    return error_rate([normalize_text(r) for r in references], [normalize_text(h) for h in hypotheses], "word")
 
 
 @torch.inference_mode()

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from turboformer.audio import log_mel_spectrogram, pad_or_trim
+from turboformer.eval.metrics import error_rate
 from turboformer.models.whisper.engine import EagerEngine
 from turboformer.models.whisper.graph_engine import EngineOptions, GraphEngine
 from turboformer.models.whisper.transcribe import TranscribeOptions, transcribe_batch
@@ -33,17 +34,8 @@ def _words(text: str) -> list[str]:
 
 
 def word_error_rate(references: list[str], hypotheses: list[str]) -> float:
-    """Word-level Levenshtein distance over all utterances / reference words (jiwer's WER, no dependency)."""
-    errors = words = 0
-    for ref, hyp in zip(references, hypotheses):
-        r, h = _words(ref), _words(hyp)
-        row = list(range(len(h) + 1))
-        for i, rw in enumerate(r, 1):
-            prev, row[0] = row[0], i
-            for j, hw in enumerate(h, 1):
-                prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (rw != hw))
-        errors, words = errors + row[-1], words + len(r)
-    return errors / max(words, 1)
+    """Corpus WER after normalisation (turboformer.eval.metrics, itself checked against jiwer in CI)."""
+    return error_rate([" ".join(_words(r)) for r in references], [" ".join(_words(h)) for h in hypotheses])
 
 
 def _graph_engine(model, device="cpu", **options):
