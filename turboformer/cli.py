@@ -218,6 +218,18 @@ def add_eval_parser(subparsers) -> None:
     c.add_argument("--device", default=None, help="device of the engine under test (default: cuda if available)")
     c.add_argument("--dtype", choices=DTYPES, default=None, help="default: float16 on cuda, float32 on cpu")
     c.set_defaults(func=run_eval_conformer)
+    m = families.add_parser(
+        "sam",
+        help="Segment Anything: mask IoU and logits error vs fp32 CPU over a grid of point prompts",
+        description="Predict masks for a grid of point prompts with the fp32 CPU reference and with the engine "
+        "under test (same weights); report mask IoU, low-res logits error statistics and predicted-IoU differences.",
+    )
+    m.add_argument("image", help="an image file")
+    m.add_argument("--model", required=True, help="SAM checkpoint (sam_vit_b/l/h_*.pth)")
+    m.add_argument("--points-per-side", type=int, default=4)
+    m.add_argument("--device", default=None, help="device of the engine under test (default: cuda if available)")
+    m.add_argument("--dtype", choices=DTYPES, default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    m.set_defaults(func=run_eval_sam)
 
 
 def run_eval_whisper(args) -> int:
@@ -290,6 +302,28 @@ def run_eval_conformer(args) -> int:
         options = RecognizeOptions(mode=args.mode, beam_size=args.beam_size)
         report = evaluate_recognition(args.model, list(args.audio), device, dtype, options, truths)
     except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(report.text())
+    return 0
+
+
+def run_eval_sam(args) -> int:
+    import numpy as np
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    from turboformer.eval.segmentation import evaluate_segmentation
+    from turboformer.models.whisper.pipeline import default_device
+
+    device = args.device or default_device()
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    try:
+        if args.points_per_side < 1:
+            raise ValueError("--points-per-side must be at least 1")
+        image = np.asarray(Image.open(args.image).convert("RGB"))
+        report = evaluate_segmentation(args.model, image, device, dtype, args.points_per_side)
+    except (OSError, ValueError, UnidentifiedImageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(report.text())
