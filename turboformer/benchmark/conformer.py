@@ -25,16 +25,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import os
 import statistics
 import sys
-import time
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 
+from turboformer.benchmark.common import median_ms, write_results
 from turboformer.kernels import use_reference, utils
 from turboformer.models.conformer import build_model
 from turboformer.models.conformer.config import (
@@ -80,23 +78,7 @@ def feature_frames(seconds: float) -> int:
 
 
 def timed_ms(fn, repeat: int, device: torch.device, warmup: int = 1) -> float:
-    """Median milliseconds of fn(): CUDA events on a GPU, wall clock on the CPU."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            started = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - started) * 1e3)
-    return statistics.median(times)
+    return median_ms(fn, repeat, device, warmup)
 
 
 def random_model(config: ConformerConfig, device: torch.device, seed: int = 0) -> torch.nn.Module:
@@ -232,10 +214,7 @@ def run(args) -> int:
             row["identical_hypotheses_torch_fp16"] = sum(a == b for a, b in zip(torch_hyps, base_hyps)) / batch
             results["rows"].append(row)
             print(markdown({**results, "rows": [row]}).splitlines()[-1], flush=True)
-    out = Path(args.out) / gpu.replace(" ", "-")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps(results, indent=1))
-    (out / f"{args.name}.md").write_text(markdown(results))
+    write_results(results, args.out, args.name, gpu, markdown(results))
     print(markdown(results))
     return 0
 

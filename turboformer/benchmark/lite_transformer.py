@@ -18,17 +18,14 @@ Writes benchmarks/results/<gpu>/lite_transformer.{json,md} under ``--out`` (defa
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
+from turboformer.benchmark.common import median_ms, write_results
 from turboformer.kernels import use_reference, utils
 from turboformer.models.lite_transformer.config import (
     BranchSpec,
@@ -101,23 +98,7 @@ def translate(model: LiteTransformer, src: torch.Tensor, beam: int) -> list[Hypo
 
 
 def timed_ms(fn: Callable[[], object], device: torch.device, repeat: int, warmup: int = 1) -> float:
-    """Median wall milliseconds of fn() (CUDA events on CUDA: beam search syncs on the host anyway)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            started = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - started) * 1e3)
-    return statistics.median(times)
+    return median_ms(fn, repeat, device, warmup)
 
 
 def sources(case: Case, vocab: int, device: torch.device) -> torch.Tensor:
@@ -219,10 +200,7 @@ def run(args) -> int:
                 row = bench_case(Case(batch, src_len, beam), ours, base, device, args.repeat)
                 results["rows"].append(row)
                 print(markdown({**results, "rows": [row]}).splitlines()[-1], flush=True)
-    out = Path(args.out) / gpu.replace(" ", "-")  # as bench whisper names it
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps(results, indent=1))
-    (out / f"{args.name}.md").write_text(markdown(results))
+    write_results(results, args.out, args.name, gpu, markdown(results))
     print(markdown(results))
     return 0
 

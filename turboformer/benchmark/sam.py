@@ -29,18 +29,17 @@ import contextlib
 import gc
 import importlib
 import importlib.util
-import json
 import os
 import statistics
 import sys
 import time
 import types
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from turboformer.benchmark.common import median_ms, write_results
 from turboformer.kernels import use_reference, utils
 from turboformer.kernels.rel_pos_attention import (
     rel_pos_attention,
@@ -62,22 +61,7 @@ class Timer:
         self.cuda, self.repeat, self.warmup = device.type == "cuda", repeat, warmup
 
     def ms(self, fn) -> float:
-        for _ in range(self.warmup):
-            fn()
-        times = []
-        for _ in range(self.repeat):
-            if self.cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append(1e3 * (time.perf_counter() - t0))
-        return statistics.median(times)
+        return median_ms(fn, self.repeat, "cuda" if self.cuda else "cpu", self.warmup)
 
 
 def matmul_peak_tflops(device: torch.device, timer: Timer) -> float:
@@ -335,10 +319,7 @@ def run(args) -> int:
     for name, config in configs.items():
         results["models"][name] = bench_model(name, config, args.batches, device, timer, args.repeat, modeling)
         print(markdown({**results, "models": {name: results["models"][name]}}), flush=True)
-    out = Path(args.out) / label.replace(" ", "-")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps(results, indent=1))
-    (out / f"{args.name}.md").write_text(markdown(results))
+    out = write_results(results, args.out, args.name, label, markdown(results))
     print(f"wrote {out / args.name}.json and .md")
     return 0
 

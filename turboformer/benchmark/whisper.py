@@ -19,16 +19,14 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
-import statistics
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
+from turboformer.benchmark.common import median_ms, write_results
 from turboformer.models.whisper.config import WHISPER_CONFIGS
 from turboformer.models.whisper.convert import (
     random_model,
@@ -43,17 +41,7 @@ NEW_TOKENS = 100
 
 def cuda_ms(fn, repeat: int, warmup: int = 1) -> float:
     """Median milliseconds of fn() over `repeat` runs, timed with CUDA events."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return median_ms(fn, repeat, "cuda", warmup)
 
 
 def measure_peaks() -> dict:
@@ -254,10 +242,7 @@ def run(args) -> int:
         torch.cuda.empty_cache()
         results["models"][name] = {"ours": ours, "hf": hf}
         print("\n".join(markdown({**results, "models": {name: results["models"][name]}}).splitlines()[-len(args.batches):]), flush=True)
-    out = Path(args.out) / gpu.replace(" ", "-")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps(results, indent=1))
-    (out / f"{args.name}.md").write_text(markdown(results))
+    write_results(results, args.out, args.name, gpu, markdown(results))
     print(markdown(results))
     return 0
 
