@@ -232,23 +232,43 @@ def add_eval_parser(subparsers) -> None:
     m.set_defaults(func=run_eval_sam)
 
 
+def _candidate_device_dtype(args, cuda_dtype: str = "float16"):
+    """The engine under test of an ``eval`` command: --device (default cuda when available) and --dtype
+    (default ``cuda_dtype`` on cuda, float32 on cpu)."""
+    import torch
+
+    from turboformer.models.whisper.pipeline import default_device
+
+    device = args.device or default_device()
+    name = args.dtype or (cuda_dtype if device.startswith("cuda") else "float32")
+    return device, getattr(torch, name)
+
+
+def _aligned_lines(path: str, expected: int, what: str, of: str, skip_blank: bool) -> list[str]:
+    """One entry per line of ``path`` (stripped), which must pair up with ``expected`` inputs."""
+    with open(path, encoding="utf-8") as f:
+        lines = [line.strip() if skip_blank else line.rstrip("\n") for line in f]
+    if skip_blank:
+        lines = [line for line in lines if line]
+    if len(lines) != expected:
+        raise ValueError(f"{path} has {len(lines)} {what} for {expected} {of}")
+    return lines
+
+
 def run_eval_whisper(args) -> int:
     import torch
 
     from turboformer.audio import AudioError, load_audio
     from turboformer.eval.whisper import candidate_engine, evaluate
     from turboformer.models.whisper.load import CheckpointError
-    from turboformer.models.whisper.pipeline import WhisperModel, default_device
+    from turboformer.models.whisper.pipeline import WhisperModel
 
-    device = args.device or default_device()
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
+    device, dtype = _candidate_device_dtype(args)
     try:
         audios = [load_audio(path) for path in args.audio]
         truths = None
         if args.references:
-            truths = [line.strip() for line in open(args.references, encoding="utf-8") if line.strip()]
-            if len(truths) != len(audios):
-                raise ValueError(f"{args.references} has {len(truths)} transcripts for {len(audios)} audio files")
+            truths = _aligned_lines(args.references, len(audios), "transcripts", "audio files", skip_blank=True)
         reference = WhisperModel.from_pretrained(args.model, device="cpu", dtype=torch.float32)
         engine = candidate_engine(reference, device, dtype, args.quantize)
     except (AudioError, CheckpointError, ValueError, OSError) as e:
@@ -260,21 +280,17 @@ def run_eval_whisper(args) -> int:
 
 
 def run_eval_translation(args) -> int:
-    import torch
 
     from turboformer.eval.translation import evaluate_translation
     from turboformer.models.lite_transformer.translate import TranslateOptions
-    from turboformer.models.whisper.pipeline import default_device
 
-    device = args.device or default_device()
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
+    device, dtype = _candidate_device_dtype(args)
     try:
-        sentences = [line.rstrip("\n") for line in open(args.input, encoding="utf-8")]
+        with open(args.input, encoding="utf-8") as f:
+            sentences = [line.rstrip("\n") for line in f]
         references = None
         if args.references:
-            references = [line.rstrip("\n") for line in open(args.references, encoding="utf-8")]
-            if len(references) != len(sentences):
-                raise ValueError(f"{args.references} has {len(references)} lines for {len(sentences)} source lines")
+            references = _aligned_lines(args.references, len(sentences), "lines", "source lines", skip_blank=False)
         options = TranslateOptions(beam=args.beam, lenpen=args.lenpen, max_len_a=args.max_len_a, max_len_b=args.max_len_b)
         report = evaluate_translation(args.model, sentences, references, device, dtype, options)
     except (OSError, ValueError, ImportError) as e:
@@ -285,20 +301,15 @@ def run_eval_translation(args) -> int:
 
 
 def run_eval_conformer(args) -> int:
-    import torch
 
     from turboformer.eval.conformer import evaluate_recognition
     from turboformer.models.conformer import RecognizeOptions
-    from turboformer.models.whisper.pipeline import default_device
 
-    device = args.device or default_device()
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
+    device, dtype = _candidate_device_dtype(args)
     try:
         truths = None
         if args.references:
-            truths = [line.strip() for line in open(args.references, encoding="utf-8") if line.strip()]
-            if len(truths) != len(args.audio):
-                raise ValueError(f"{args.references} has {len(truths)} transcripts for {len(args.audio)} audio files")
+            truths = _aligned_lines(args.references, len(args.audio), "transcripts", "audio files", skip_blank=True)
         options = RecognizeOptions(mode=args.mode, beam_size=args.beam_size)
         report = evaluate_recognition(args.model, list(args.audio), device, dtype, options, truths)
     except (OSError, ValueError) as e:
@@ -310,14 +321,11 @@ def run_eval_conformer(args) -> int:
 
 def run_eval_sam(args) -> int:
     import numpy as np
-    import torch
     from PIL import Image, UnidentifiedImageError
 
     from turboformer.eval.segmentation import evaluate_segmentation
-    from turboformer.models.whisper.pipeline import default_device
 
-    device = args.device or default_device()
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    device, dtype = _candidate_device_dtype(args, cuda_dtype="bfloat16")
     try:
         if args.points_per_side < 1:
             raise ValueError("--points-per-side must be at least 1")
