@@ -13,7 +13,17 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 mkdir -p .gpucache
 KEEP=/root/turboformer-carry  # outside the working tree, which each call lays anew
 mkdir -p $KEEP
-if [ "${STAGE:-1}" = ab ]; then
+if [ "${STAGE:-1}" = families ]; then
+  # Conformer, Lite Transformer, SAM: their kernels' and engines' CUDA tests, then their benchmarks.
+  # scikit-image is not on the GPU machine: a stand-in skimage.data serves the same photos (.gpudata/images.npz).
+  export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/.gpudata/skimage_stub
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/segment_anything*.whl 2>/dev/null; export PYTHONPATH=$PYTHONPATH:/tmp/site
+  export TURBOFORMER_UNVERIFIED_KERNELS=1
+  python3 -m pytest -p no:cacheprovider -q -rs -x ${TESTS:-tests/kernels tests/models/conformer tests/models/lite_transformer tests/models/sam} -m cuda 2>&1 | tee "$OUT/pytest_families.log" | grep -v "^\.*$" | tail -40
+  for family in ${FAMILIES:-conformer lite-transformer sam}; do
+    timeout ${BENCH_TIMEOUT:-150} python3 -c "import sys; from turboformer.cli import main; sys.exit(main())" bench $family --out "$OUT/results" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_$family.log" | tail -25
+  done
+elif [ "${STAGE:-1}" = ab ]; then
   python3 benchmarks/ab_decode_step.py 2>&1 | tee "$OUT/ab.log"
 elif [ "${STAGE:-1}" = 1 ]; then
   cp .gpudata/tiny_a.bin $KEEP/

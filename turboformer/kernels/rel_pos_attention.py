@@ -107,7 +107,8 @@ def _rel_pos_attention_kernel(
         onehot_w = (r_w[:, None] == (n % GRID_W)[None, :]).to(DOT_DTYPE)  # [BLOCK_W, BLOCK_N]
         bias = tl.dot(rel_h, onehot_h, input_precision=PRECISION)
         bias = tl.dot(rel_w, onehot_w, acc=bias, input_precision=PRECISION)
-        s = tl.where(n_mask[None, :], s + bias * LOG2E, -float("inf"))
+        s = tl.where(n_mask[None, :], s + bias * 1.4426950408889634, -float("inf"))
+        # (1.44... = LOG2E, written out: a @triton.jit function cannot read a plain module global)
         # Online softmax: the first tile holds key 0, so m_new is finite from the first iteration on.
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)

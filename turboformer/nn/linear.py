@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,3 +43,53 @@ class PackedLinear:
         for t in (self.scale, self.bias):
             total += 0 if t is None else t.numel() * t.element_size()
         return total
+
+
+class Int8Linear(nn.Module):
+    """Drop-in ``nn.Linear`` with a weight-only INT8 weight (per-output-channel fp32 scales): the module form of
+    :class:`PackedLinear` for engines that keep the model's own ``nn.Module`` tree (Conformer, Lite Transformer,
+    SAM). Weight and scale are buffers, so ``.to(device)`` moves them and ``state_dict`` holds them; the bias
+    follows the activations' dtype. Forward: the Triton kernel on CUDA, the dequantising reference elsewhere.
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight, scale = quantize_weight(linear.weight.detach())
+        self.register_buffer("weight", weight)  # [N, K] int8
+        self.register_buffer("scale", scale)  # [N] fp32
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        self.register_buffer("bias", bias)  # [N] or None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return int8_linear(x, self.weight, self.scale, bias)
+
+    def _apply(self, fn, recurse=True):
+        # .half()/.to(dtype) would cast the fp32 scales: keep their exact values, follow only the device.
+        scale = self.scale
+        super()._apply(fn, recurse)
+        self.scale = scale.to(self.weight.device)
+        return self
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
+
+
+def quantize_linears(module: nn.Module, skip: Callable[[str], bool] = lambda name: False) -> list[str]:
+    """Replace every ``nn.Linear`` under ``module`` (in place) by an :class:`Int8Linear`, except those whose
+    qualified name ``skip(name)`` accepts (e.g. an output projection kept in fp16). Returns the replaced names.
+
+    Weight-only INT8 (Dettmers et al., "LLM.int8()", arXiv 2208.07339, per-channel absmax without outliers):
+    activations stay in the engine dtype. Call it after moving the model to its dtype, before ``.to(device)``
+    or after: the int8 buffers move with the module; the fp32 scales never change dtype (``.half()`` leaves
+    integer buffers alone but would cast the scales, so this module's ``_apply`` keeps them fp32).
+    """
+    replaced = []
+    for name, child in list(module.named_modules()):
+        for attr, sub in list(child.named_children()):
+            qualified = f"{name}.{attr}" if name else attr
+            if isinstance(sub, nn.Linear) and not skip(qualified):
+                setattr(child, attr, Int8Linear(sub))
+                replaced.append(qualified)
+    return replaced
