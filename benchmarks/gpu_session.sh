@@ -11,6 +11,8 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv
 python3 -c "import pytest" 2>/dev/null || { python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site; }
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 mkdir -p .gpucache
+# fixtures of ../shared/reference (the checkout's sibling, absent on the GPU machine) travel in .gpudata/reference
+[ -d .gpudata/reference ] && export TURBOFORMER_REFERENCE_DIR=$PWD/.gpudata/reference
 KEEP=/root/turboformer-carry  # outside the working tree, which each call lays anew
 mkdir -p $KEEP
 if [ "${STAGE:-1}" = families ]; then
@@ -19,18 +21,23 @@ if [ "${STAGE:-1}" = families ]; then
   export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/.gpudata/skimage_stub
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/segment_anything*.whl 2>/dev/null; export PYTHONPATH=$PYTHONPATH:/tmp/site
   export TURBOFORMER_UNVERIFIED_KERNELS=1
-  python3 -m pytest -p no:cacheprovider -q -rs -x ${TESTS:-tests/kernels tests/models/conformer tests/models/lite_transformer tests/models/sam} -m cuda 2>&1 | tee "$OUT/pytest_families.log" | grep -v "^\.*$" | tail -40
-  for family in ${FAMILIES:-conformer lite-transformer sam}; do
-    timeout ${BENCH_TIMEOUT:-150} python3 -c "import sys; from turboformer.cli import main; sys.exit(main())" bench $family --out "$OUT/results" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_$family.log" | tail -25
+  #   TESTS: pytest paths ("none": skip);  BENCHES: ";"-separated "family args..." runs of `turboformer bench`.
+  TESTS=${TESTS:-tests/kernels tests/models/conformer tests/models/lite_transformer tests/models/sam tests/nn}
+  [ "$TESTS" = none ] || timeout ${TEST_TIMEOUT:-420} python3 -m pytest -p no:cacheprovider -q -rs --maxfail=15 $TESTS -m cuda 2>&1 | tee "$OUT/pytest_families.log" | grep -v "^\.*$" | tail -60
+  IFS=';' read -ra RUNS <<< "${BENCHES-conformer;lite-transformer;sam}"
+  for spec in "${RUNS[@]}"; do
+    [ -n "${spec// }" ] || continue
+    name=$(echo $spec | tr -c 'a-z0-9-' '_' | cut -c1-60)
+    timeout ${BENCH_TIMEOUT:-150} python3 -c "import sys; from turboformer.cli import main; sys.exit(main())" bench $spec --out "$OUT/results" 2>&1 | tee "$OUT/bench_$name.log" | grep -v "^\[" | tail -30
   done
 elif [ "${STAGE:-1}" = ab ]; then
   python3 benchmarks/ab_decode_step.py 2>&1 | tee "$OUT/ab.log"
 elif [ "${STAGE:-1}" = 1 ]; then
-  cp .gpudata/tiny_a.bin $KEEP/
+  cp .gpudata_a/tiny_a.bin $KEEP/ 2>/dev/null || cp .gpudata/tiny_a.bin $KEEP/
   [ "${BENCH:-1}" = 0 ] || python3 benchmarks/bench_whisper.py --models ${MODELS:-tiny base small large-v3 large-v3-turbo} --int8 --out "$OUT/results" --name ${NAME:-whisper} 2>&1 | tee "$OUT/bench1.log"
 else
   mkdir -p .gpucache/tiny.en
-  cat $KEEP/tiny_a.bin .gpudata/tiny_b.bin > .gpucache/tiny.en/model.bin
+  cat $KEEP/tiny_a.bin $(ls .gpudata_b/tiny_b.bin .gpudata/tiny_b.bin 2>/dev/null | head -1) > .gpucache/tiny.en/model.bin
   cp .gpudata/config.json .gpudata/tokenizer.json .gpudata/vocabulary.txt .gpucache/tiny.en/
   export TURBOFORMER_SPEECH_DIR=$PWD/.gpudata/speech TURBOFORMER_TINY_EN_DIR=$PWD/.gpucache/tiny.en
   python3 -m pytest -p no:cacheprovider -q -rs -s tests/models/whisper/test_graph_engine.py tests/kernels 2>&1 | tee "$OUT/pytest_gpu.log" | grep -v "^\.*$" | tail -30

@@ -127,3 +127,10 @@ def test_conformer_report_on_the_wenet_fixture(capsys):
 
     exact = evaluate_recognition(str(fixture), [wav], "cpu", torch.float32, RecognizeOptions(beam_size=4))
     assert exact.hypotheses_equal == 1.0 and exact.cer_vs_fp32 == 0.0 and exact.max_score_diff == 0.0
+    # --quantize int8 reaches the model (weight-only INT8 linears: scores move, the report says int8)
+    assert main(["eval", "conformer", wav, "--model", str(fixture), "--device", "cpu", "--dtype", "float32",
+                 "--quantize", "int8", "--beam-size", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "float32, int8" in out
+    int8 = evaluate_recognition(str(fixture), [wav], "cpu", torch.float32, RecognizeOptions(beam_size=4), quantize="int8")
+    assert 0.0 < int8.max_score_diff < 1.0 or int8.hypotheses_equal < 1.0

@@ -198,6 +198,7 @@ def add_eval_parser(subparsers) -> None:
     t.add_argument("--references", default=None, help="reference translations, one per line")
     t.add_argument("--device", default=None, help="device of the engine under test (default: cuda if available)")
     t.add_argument("--dtype", choices=DTYPES, default=None, help="default: float16 on cuda, float32 on cpu")
+    t.add_argument("--quantize", choices=("int8",), default=None, help="weight-only INT8 linears (cuda)")
     t.add_argument("--beam", type=int, default=4)
     t.add_argument("--lenpen", type=float, default=0.6)
     t.add_argument("--max-len-a", type=float, default=0.0, help="max length = a * source length + b")
@@ -217,6 +218,7 @@ def add_eval_parser(subparsers) -> None:
     c.add_argument("--references", default=None, help="text file: one ground-truth transcript per audio file")
     c.add_argument("--device", default=None, help="device of the engine under test (default: cuda if available)")
     c.add_argument("--dtype", choices=DTYPES, default=None, help="default: float16 on cuda, float32 on cpu")
+    c.add_argument("--quantize", choices=("int8",), default=None, help="weight-only INT8 linears (cuda)")
     c.set_defaults(func=run_eval_conformer)
     m = families.add_parser(
         "sam",
@@ -229,6 +231,7 @@ def add_eval_parser(subparsers) -> None:
     m.add_argument("--points-per-side", type=int, default=4)
     m.add_argument("--device", default=None, help="device of the engine under test (default: cuda if available)")
     m.add_argument("--dtype", choices=DTYPES, default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    m.add_argument("--quantize", choices=("int8",), default=None, help="weight-only INT8 linears (cuda)")
     m.set_defaults(func=run_eval_sam)
 
 
@@ -292,7 +295,7 @@ def run_eval_translation(args) -> int:
         if args.references:
             references = _aligned_lines(args.references, len(sentences), "lines", "source lines", skip_blank=False)
         options = TranslateOptions(beam=args.beam, lenpen=args.lenpen, max_len_a=args.max_len_a, max_len_b=args.max_len_b)
-        report = evaluate_translation(args.model, sentences, references, device, dtype, options)
+        report = evaluate_translation(args.model, sentences, references, device, dtype, options, args.quantize)
     except (OSError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -311,7 +314,7 @@ def run_eval_conformer(args) -> int:
         if args.references:
             truths = _aligned_lines(args.references, len(args.audio), "transcripts", "audio files", skip_blank=True)
         options = RecognizeOptions(mode=args.mode, beam_size=args.beam_size)
-        report = evaluate_recognition(args.model, list(args.audio), device, dtype, options, truths)
+        report = evaluate_recognition(args.model, list(args.audio), device, dtype, options, truths, args.quantize)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -330,7 +333,7 @@ def run_eval_sam(args) -> int:
         if args.points_per_side < 1:
             raise ValueError("--points-per-side must be at least 1")
         image = np.asarray(Image.open(args.image).convert("RGB"))
-        report = evaluate_segmentation(args.model, image, device, dtype, args.points_per_side)
+        report = evaluate_segmentation(args.model, image, device, dtype, args.points_per_side, args.quantize)
     except (OSError, ValueError, UnidentifiedImageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -80,10 +80,12 @@ def check(x, weight, bias, padding, bn=None, valid=None):
     silu = bn is not None
     bn64 = copy.deepcopy(bn).double() if bn is not None else None  # nn.Module.double() converts in place
     gold = conv_gold(x.double(), w_lowp.double(), b_lowp.double(), padding, bn64, silu, valid)
-    torch_lowp = conv_gold(x, w_lowp, b_lowp, padding, bn, silu, valid)
     if bn is not None:
         w_lowp, b_lowp = fold_batch_norm(w_lowp.unsqueeze(1), b_lowp, bn)
         assert w_lowp.dtype == dtype and w_lowp.shape == weight.shape
+    # PyTorch in the low dtype on the weights the kernel gets (BatchNorm folded and rounded to that dtype: the
+    # H200 measured the kernel 7% over twice PyTorch's error when PyTorch applied the BatchNorm unfolded)
+    torch_lowp = conv_gold(x, w_lowp, b_lowp, padding, None, silu, valid)
     act = "silu" if silu else None
     with poison_buffers():
         out = depthwise_conv1d_triton(x, w_lowp, b_lowp, padding, valid, act)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from turboformer.kernels import KernelInputError, poison_buffers, utils
-from turboformer.kernels.int8_linear import int8_linear_ref, int8_linear_triton, quantize_weight
+from turboformer.kernels.int8_linear import dequantize_weight, int8_linear_ref, int8_linear_triton, quantize_weight
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -36,7 +36,7 @@ def assert_close_to_gold(out, gold, torch_lowp):
 
 
 def check_int8_linear(x, w_int8, scale, bias):
-    w = w_int8.double() * scale.double()[:, None]
+    w = dequantize_weight(w_int8, scale).double()
     gold = F.linear(x.double(), w, None if bias is None else bias.double())
     torch_lowp = F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
     with poison_buffers():
@@ -46,10 +46,10 @@ def check_int8_linear(x, w_int8, scale, bias):
     assert_close_to_gold(int8_linear_ref(x, w_int8, scale, bias), gold, torch_lowp)
 
 
-def make_weight(n, k):
+def make_weight(n, k, group=None):
     """A quantised weight with per-row magnitudes spread over 100x, as in trained layers."""
     w = torch.randn(n, k, device=DEVICE) * torch.logspace(-2, 0, n, device=DEVICE)[:, None]
-    return quantize_weight(w)
+    return quantize_weight(w, group)
 
 
 # (x shape, N): M = 1, 2 (GEMV kernel; split-K at M = 2), 3 (decode tile, split-K), 17 (odd M),
@@ -63,6 +63,34 @@ def test_int8_linear(x_shape, n, dtype):
     x = torch.randn(x_shape, device=DEVICE).to(dtype)
     w_int8, scale = make_weight(n, x_shape[-1])
     check_int8_linear(x, w_int8, scale, torch.randn(n, device=DEVICE).to(dtype))
+
+
+# Group-wise scales: the same kernels with the scale applied per [BLOCK_N, BLOCK_K] tile (K a multiple of the
+# group; blocks and splits need not align with the groups: 1088 = 17 x 64 splits at 512 and 128).
+GROUPED_SHAPES = [((1, 192), 100, 32), ((2, 1088), 20, 64), ((3, 256), 64, 32), ((17, 960), 200, 64), ((70, 96), 150, 32)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("x_shape,n,group", GROUPED_SHAPES)
+def test_int8_linear_group_wise(x_shape, n, group, dtype):
+    x = torch.randn(x_shape, device=DEVICE).to(dtype)
+    w_int8, scale = make_weight(n, x_shape[-1], group)
+    assert scale.shape == (n, x_shape[-1] // group)
+    check_int8_linear(x, w_int8, scale, torch.randn(n, device=DEVICE).to(dtype))
+
+
+def test_group_wise_quantisation_bounds_and_fallback():
+    w = torch.randn(6, 128, device=DEVICE)
+    w[2, 5] = 40.0  # one outlier: per channel it coarsens the whole row, group-wise only its group
+    w_int8, scale = quantize_weight(w, 32)
+    assert scale.shape == (6, 4) and w_int8.shape == (6, 128)
+    step = scale.repeat_interleave(32, dim=1)
+    assert ((dequantize_weight(w_int8, scale) - w).abs() <= step * 0.50001).all()
+    per_channel = dequantize_weight(*quantize_weight(w))
+    assert (dequantize_weight(w_int8, scale) - w)[2, 32:].abs().max() < (per_channel - w)[2, 32:].abs().max()
+    assert quantize_weight(w, 48)[1].shape == (6,)  # 48 does not divide 128: per-channel scales
+    with pytest.raises(KernelInputError, match="group must be >= 1"):
+        quantize_weight(w, 0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -96,6 +124,7 @@ def test_bad_inputs_raise():
         ((x, w_int8.float(), scale), "w_int8 must be a 2-D int8"),
         ((x[:, :15], w_int8, scale), "x must be"),
         ((x, w_int8, scale.half()), "scale must be float32"),
+        ((x, w_int8, torch.ones(8, 3, device=DEVICE)), "divisible into the groups"),
         ((x, w_int8, scale, torch.randn(7, device=DEVICE)), "bias must have shape"),
         ((x.to(torch.int8), w_int8, scale), "x must be float32"),
     ]
@@ -112,7 +141,8 @@ def test_bad_inputs_raise():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 16, 64, 1500])
 @pytest.mark.parametrize("n,k", [(1280, 1280), (5120, 1280), (1280, 5120), (51866, 1280)])
-def test_whisper_large_v3_shapes(m, n, k, dtype):
+@pytest.mark.parametrize("group", [None, 64])
+def test_whisper_large_v3_shapes(m, n, k, dtype, group):
     x = torch.randn(m, k, device=DEVICE).to(dtype)
-    w_int8, scale = make_weight(n, k)
+    w_int8, scale = make_weight(n, k, group)
     check_int8_linear(x, w_int8, scale, torch.randn(n, device=DEVICE).to(dtype))

@@ -1,22 +1,24 @@
-"""Segment Anything: turboformer's bf16 image encoder (fused rel-pos flash attention) against eager baselines.
+"""Segment Anything: turboformer's GPU engine against upstream ``segment_anything`` on the same weights.
 
-For each model size (random weights of the real dimensions) and batch size, on real photos from scikit-image
-resized and padded to SAM's 1024 frame:
-- encoder: images/s (CUDA events, median) and achieved TFLOP/s against the encoder's FLOPs (below), with the
-  measured bf16 matmul peak as the ceiling; peak GPU memory of one encoder pass;
+For each model size (upstream's own random init, real dimensions, loaded into ours from its state dict) and
+batch size, on real photos from scikit-image resized and padded to SAM's 1024 frame:
+- image encoder: images/s (CUDA events, median) and achieved TFLOP/s against the encoder's FLOPs (below), with
+  the measured bf16 matmul peak as the ceiling; peak GPU memory of one encoder pass. Variants:
+  ``ours bf16`` (fp32 residual stream, bf16 branches, the fused rel-pos flash attention, fused residual +
+  LayerNorm), ``ours int8`` (the same with weight-only INT8 linears), ``ours SDPA`` (ours in bf16 with torch
+  SDPA and the bias as an explicit [N, N] additive mask instead of the fused kernel: segment-anything-fast's
+  fallback), ``upstream fp32`` and ``upstream bf16`` (``ImageEncoderViT`` eager, explicit attention);
+- mask decoder per prompt batch (1 and 64 one-point prompts, all four masks): ours (bucketed CUDA graphs,
+  fp16 decoder of the bf16 model) and ours eager (same dtype, no graphs) against upstream's prompt encoder +
+  mask decoder in fp32 on the same weights, with the speedup;
 - prompt-to-mask latency: one point + one box prompt in original-image pixels to boolean masks at the
-  original size (``SamPredictor.predict``: prompt encoder, mask decoder, upsampling, host copy), image already
-  embedded, wall clock after a device sync;
+  original size (``SamPredictor.predict``), image already embedded, wall clock after a device sync;
 - the attention alone at each block type (14 x 14 windows, the 64 x 64 global grid): ours vs torch SDPA in
-  bf16 with the rel-pos bias as an explicit additive mask (what segment-anything-fast's fallback does) vs the
-  eager reference, in TFLOP/s of ``4 N^2 D`` per (image, head).
+  bf16 with the explicit additive mask vs the eager reference, in TFLOP/s of ``4 N^2 D`` per (image, head).
 
-Baselines, measured in the same run on the same weights and images:
-- ``eager fp32``: our module with every kernel disabled (``use_reference()``): upstream's maths op for op;
-- ``eager bf16``: the same in bf16 (explicit [N, N] scores, no fused kernel);
-- ``upstream fp32``: ``segment_anything``'s own ``ImageEncoderViT`` (random weights), when importable.
+fp32 runs with PyTorch's defaults (no TF32 for matmuls), as upstream users get them.
 
-    turboformer bench sam [--models vit_b vit_h] [--batches 1 8]
+    turboformer bench sam [--models vit_b vit_h] [--batches 1 8] [--prompts 1 64]
     turboformer bench sam --device cpu        (a tiny config on the CPU: checks the logic, times nothing real)
 
 Writes benchmarks/results/<gpu>/sam.{json,md} under the current directory.
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import gc
 import importlib
 import importlib.util
@@ -34,6 +37,7 @@ import statistics
 import sys
 import time
 import types
+from functools import partial
 
 import numpy as np
 import torch
@@ -45,7 +49,15 @@ from turboformer.kernels.rel_pos_attention import (
     rel_pos_attention,
     rel_pos_attention_ref,
 )
-from turboformer.models.sam import SAM_CONFIGS, SamConfig, SamPredictor, build_sam
+from turboformer.models.sam import (
+    SAM_CONFIGS,
+    SamConfig,
+    SamPredictor,
+    build_sam,
+    load_sam,
+)
+from turboformer.models.sam.engine import PromptDecoderEngine, prepare_sam
+from turboformer.models.sam.image_encoder import attention_backend
 from turboformer.models.sam.transforms import normalize_and_pad, resize_image
 
 IMAGES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry")  # skimage.data photos
@@ -123,15 +135,30 @@ def import_upstream_modeling() -> types.ModuleType | None:
         return None
 
 
-def upstream_encoder(modeling, config: SamConfig) -> torch.nn.Module:
-    """Upstream's ``ImageEncoderViT`` as its ``build_sam`` makes it, at ``config``'s sizes (random weights)."""
-    return modeling.ImageEncoderViT(
-        depth=config.encoder_depth, embed_dim=config.encoder_embed_dim, img_size=config.image_size,
-        mlp_ratio=config.encoder_mlp_dim / config.encoder_embed_dim,
-        norm_layer=lambda dim: torch.nn.LayerNorm(dim, eps=1e-6), num_heads=config.encoder_num_heads,
-        patch_size=config.patch_size, qkv_bias=True, use_rel_pos=True,
-        global_attn_indexes=config.encoder_global_attn_indexes, window_size=config.encoder_window_size,
-        out_chans=config.prompt_embed_dim,
+def upstream_sam(modeling, config: SamConfig) -> torch.nn.Module:
+    """Upstream's ``Sam`` as its ``build_sam`` makes it, at ``config``'s sizes (its own random init), fp32 CPU."""
+    grid = config.image_embedding_size
+    return modeling.Sam(
+        image_encoder=modeling.ImageEncoderViT(
+            depth=config.encoder_depth, embed_dim=config.encoder_embed_dim, img_size=config.image_size,
+            mlp_ratio=config.encoder_mlp_dim / config.encoder_embed_dim,
+            norm_layer=lambda dim: torch.nn.LayerNorm(dim, eps=1e-6), num_heads=config.encoder_num_heads,
+            patch_size=config.patch_size, qkv_bias=True, use_rel_pos=True,
+            global_attn_indexes=config.encoder_global_attn_indexes, window_size=config.encoder_window_size,
+            out_chans=config.prompt_embed_dim,
+        ),
+        prompt_encoder=modeling.PromptEncoder(
+            embed_dim=config.prompt_embed_dim, image_embedding_size=(grid, grid),
+            input_image_size=(config.image_size, config.image_size), mask_in_chans=config.mask_in_chans,
+        ),
+        mask_decoder=modeling.MaskDecoder(
+            num_multimask_outputs=config.num_multimask_outputs,
+            transformer=modeling.TwoWayTransformer(depth=config.decoder_depth, embedding_dim=config.prompt_embed_dim,
+                                                   mlp_dim=config.decoder_mlp_dim, num_heads=config.decoder_num_heads),
+            transformer_dim=config.prompt_embed_dim, iou_head_depth=config.iou_head_depth,
+            iou_head_hidden_dim=config.iou_head_hidden_dim,
+        ),
+        pixel_mean=list(config.pixel_mean), pixel_std=list(config.pixel_std),
     ).eval()  # fmt: skip
 
 
@@ -163,10 +190,10 @@ def prompt_ms(predictor: SamPredictor, photo: np.ndarray, device: torch.device, 
     return statistics.median(times)
 
 
-def bench_encoder(model, pixels, photos, device, timer, repeat, flops, reference: bool) -> dict:
-    """Encoder ms, images/s, TFLOP/s, peak memory and prompt latency of one variant of our model."""
-    switch = use_reference() if reference else contextlib.nullcontext()
-    with switch, torch.no_grad():
+def bench_encoder(model, pixels, photos, device, timer, repeat, flops, context=contextlib.nullcontext) -> dict:
+    """Encoder ms, images/s, TFLOP/s, peak memory and prompt latency of one variant of our model, run inside
+    ``context()`` (e.g. an attention backend)."""
+    with context(), torch.no_grad():
         ms = timer.ms(lambda: model.encode_image(pixels))
         memory = peak_memory_gib(device, lambda: model.encode_image(pixels))
         predictor = SamPredictor(model)
@@ -208,64 +235,159 @@ def bench_attention(config: SamConfig, batch: int, device, dtype, timer: Timer) 
 
 @torch.no_grad()
 def bench_upstream(encoder: torch.nn.Module, pixels: torch.Tensor, device, timer: Timer, flops: float) -> dict:
-    """Upstream's fp32 encoder: ms, images/s, TFLOP/s, peak memory."""
+    """Upstream's encoder in its parameters' dtype: ms, images/s, TFLOP/s, peak memory."""
+    pixels = pixels.to(next(encoder.parameters()).dtype)
     ms = timer.ms(lambda: encoder(pixels))
     memory = peak_memory_gib(device, lambda: encoder(pixels))
     return {"encoder_ms": ms, "images_per_s": 1e3 * pixels.shape[0] / ms, "TFLOPs": flops / ms / 1e9,
             "peak_GiB": memory}
 
 
-def bench_model(name: str, config: SamConfig, batches: list[int], device, timer, repeat, modeling) -> dict:
+@torch.no_grad()
+def bench_decoder(ours, upstream, embedding: torch.Tensor, prompts: list[int], device, timer: Timer) -> dict:
+    """Prompt encoder + mask decoder, one foreground point per prompt, all masks: ms per prompt batch for ours
+    graphed, ours eager (same dtype) and upstream fp32 (``None`` when upstream is not importable)."""
+    rows = {}
+    graphed = PromptDecoderEngine(ours, buckets=tuple(prompts))  # graphs on CUDA, eager on the CPU
+    eager = PromptDecoderEngine(ours, buckets=tuple(prompts), cuda_graphs=False)
+    for batch in prompts:
+        g = torch.Generator().manual_seed(batch)
+        coords = (torch.rand(batch, 1, 2, generator=g) * ours.config.image_size).to(device)
+        labels = torch.ones(batch, 1, dtype=torch.int32, device=device)
+        ours_embedding = embedding.to(ours.dtype)
+        row = {"ours_ms": timer.ms(partial(graphed.decode, ours_embedding, coords, labels, None, None)),
+               "ours_eager_ms": timer.ms(partial(eager.decode, ours_embedding, coords, labels, None, None))}
+        if upstream is not None:
+            row["upstream_fp32_ms"] = timer.ms(partial(_upstream_decode, upstream, embedding.float(), coords, labels))
+            row["speedup"] = row["upstream_fp32_ms"] / row["ours_ms"]
+        rows[batch] = row
+    return rows
+
+
+def _upstream_decode(upstream, embedding: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor):
+    """Upstream's prompt encoder + mask decoder (``Sam.forward`` without pre/postprocessing), all masks."""
+    sparse, dense = upstream.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+    return upstream.mask_decoder(image_embeddings=embedding, image_pe=upstream.prompt_encoder.get_dense_pe(),
+                                 sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                 multimask_output=True)
+
+
+def bench_model(name: str, config: SamConfig, args, device, timer, modeling) -> dict:
+    """Every encoder variant per batch, the decoder per prompt batch, the attention alone."""
     torch.manual_seed(0)
-    model = build_sam(config).to(device)
-    low = torch.bfloat16
-    entry = {"rows": {}}
-    for batch in batches:
+    upstream = upstream_sam(modeling, config) if modeling is not None else None
+    if upstream is not None:  # ours from upstream's state dict: the same weights on both sides
+        state = {k: v.clone() for k, v in upstream.state_dict().items()}
+
+        def load(dtype=torch.float32, quantize=None):
+            return load_sam(state, device=device, dtype=dtype, quantize=quantize)
+    else:
+        base = build_sam(config)
+
+        def load(dtype=torch.float32, quantize=None):
+            return prepare_sam(copy.deepcopy(base), device, dtype, quantize)
+
+    entry = {"rows": {}, "decoder": {}}
+    ours = load(dtype=torch.bfloat16)
+    for batch in args.batches:
         photos, pixels = load_images(config, batch, device)
         flops = encoder_flops(config, batch)
         row = {"GFLOP": flops / 1e9}
-        row["eager_fp32"] = bench_encoder(model, pixels, photos, device, timer, repeat, flops, reference=True)
-        model.to(low)
-        row["ours_bf16"] = bench_encoder(model, pixels, photos, device, timer, repeat, flops, reference=False)
-        row["eager_bf16"] = bench_encoder(model, pixels, photos, device, timer, repeat, flops, reference=True)
-        model.float()
-        if modeling is not None:
-            row["upstream_fp32"] = bench_upstream(upstream_encoder(modeling, config).to(device), pixels, device,
-                                                  timer, flops)
-        row["attention_bf16"] = bench_attention(config, batch, device, low, timer)
+        row["ours_bf16"] = bench_encoder(ours, pixels, photos, device, timer, args.repeat, flops)
+        row["ours_sdpa_bf16"] = bench_encoder(ours, pixels, photos, device, timer, args.repeat, flops,
+                                              lambda: attention_backend("sdpa"))
         entry["rows"][batch] = row
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    del model
+    if upstream is not None:  # the decoder, on the embedding of a real photo
+        photos, pixels = load_images(config, 1, device)
+        embedding = ours.encode_image(pixels)
+        upstream_decoder = upstream.to(device)
+        entry["decoder"] = bench_decoder(ours, upstream_decoder, embedding, args.prompts, device, timer)
+        upstream.cpu()
+    del ours
+    _free(device)
+
+    int8 = load(dtype=torch.bfloat16, quantize="int8")
+    for batch in args.batches:
+        photos, pixels = load_images(config, batch, device)
+        entry["rows"][batch]["ours_int8"] = bench_encoder(int8, pixels, photos, device, timer, args.repeat,
+                                                          entry["rows"][batch]["GFLOP"] * 1e9)
+    del int8
+    _free(device)
+
+    fp32 = load()
+    for batch in args.batches:
+        photos, pixels = load_images(config, batch, device)
+        row, flops = entry["rows"][batch], entry["rows"][batch]["GFLOP"] * 1e9
+        # prompt latency of the fp32 model; its encoder time is upstream's maths op for op
+        row["ours_fp32"] = bench_encoder(fp32, pixels, photos, device, timer, args.repeat, flops, use_reference)
+    del fp32
+    _free(device)
+
+    if upstream is not None:
+        encoder = upstream.image_encoder.to(device)
+        for batch in args.batches:
+            _, pixels = load_images(config, batch, device)
+            flops = entry["rows"][batch]["GFLOP"] * 1e9
+            entry["rows"][batch]["upstream_fp32"] = bench_upstream(encoder, pixels, device, timer, flops)
+        encoder.to(torch.bfloat16)
+        for batch in args.batches:
+            _, pixels = load_images(config, batch, device)
+            flops = entry["rows"][batch]["GFLOP"] * 1e9
+            entry["rows"][batch]["upstream_bf16"] = bench_upstream(encoder, pixels, device, timer, flops)
+        del encoder, upstream
+        _free(device)
+    for batch in args.batches:
+        entry["rows"][batch]["attention_bf16"] = bench_attention(config, batch, device, torch.bfloat16, timer)
     return entry
+
+
+def _free(device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def markdown(results: dict) -> str:
     peak = results["matmul_TFLOPs"]
+    nan = {"images_per_s": float("nan"), "peak_GiB": float("nan")}
     lines = [
-        f"# Segment Anything image encoder on {results['device']}",
+        f"# Segment Anything on {results['device']}",
         "",
-        f"Measured peak: {peak:.2f} TFLOP/s {results['peak_matmul']} matmul. Random weights of the real sizes; real photos "
-        f"({', '.join(IMAGES)}) in the {results['image_size']} frame. Ours: bf16 with the fused rel-pos flash "
-        "attention; eager: our module with the kernels off (upstream's maths); upstream: segment_anything's "
-        f"ImageEncoderViT ({'measured' if results['upstream'] else 'not importable, not measured'}). "
+        f"Measured peak: {peak:.2f} TFLOP/s {results['peak_matmul']} matmul. Upstream's random init of the real "
+        f"sizes, the same weights in ours; real photos ({', '.join(IMAGES)}) in the {results['image_size']} frame. "
+        "Ours bf16: fp32 residual stream, bf16 branches, fused rel-pos flash attention; int8: the same with "
+        "weight-only INT8 linears; SDPA: ours with torch SDPA + explicit bias mask instead of the fused kernel; "
+        f"upstream: segment_anything ({'measured' if results['upstream'] else 'not importable, not measured'}). "
         "Prompt latency: point + box to boolean masks at the original size, image already embedded."
         + (" CPU run: every op takes the PyTorch reference; the numbers check the logic only." if results["device"] == "cpu" else ""),
         "",
-        "| model | batch | ours img/s | eager fp32 img/s | eager bf16 img/s | upstream fp32 img/s "
-        + "| speedup vs fp32 | ours TFLOP/s (% peak) | peak GiB ours / fp32 | prompt ms ours / fp32 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "Image encoder, images/s:",
+        "",
+        "| model | batch | ours bf16 | ours int8 | ours SDPA bf16 | upstream bf16 | upstream fp32 "
+        + "| speedup vs upstream fp32 | ours TFLOP/s (% peak) | int8 TFLOP/s (% peak) | peak GiB ours / upstream fp32 "
+        + "| prompt ms ours / fp32 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, entry in results["models"].items():
         for batch, row in entry["rows"].items():
-            ours, fp32, bf16 = row["ours_bf16"], row["eager_fp32"], row["eager_bf16"]
-            up = row.get("upstream_fp32", {}).get("images_per_s", float("nan"))
+            ours, int8, sdpa, fp32 = row["ours_bf16"], row["ours_int8"], row["ours_sdpa_bf16"], row["ours_fp32"]
+            up32, up16 = row.get("upstream_fp32", nan), row.get("upstream_bf16", nan)
             lines.append(
-                f"| {name} | {batch} | {ours['images_per_s']:.2f} | {fp32['images_per_s']:.2f} "
-                f"| {bf16['images_per_s']:.2f} | {up:.2f} | {ours['images_per_s'] / fp32['images_per_s']:.1f}x "
+                f"| {name} | {batch} | {ours['images_per_s']:.2f} | {int8['images_per_s']:.2f} "
+                f"| {sdpa['images_per_s']:.2f} | {up16['images_per_s']:.2f} | {up32['images_per_s']:.2f} "
+                f"| {ours['images_per_s'] / up32['images_per_s']:.1f}x "
                 f"| {ours['TFLOPs']:.1f} ({100 * ours['TFLOPs'] / peak:.0f}%) "
-                f"| {ours['peak_GiB']:.2f} / {fp32['peak_GiB']:.2f} | {ours['prompt_ms']:.1f} / {fp32['prompt_ms']:.1f} |"
+                f"| {int8['TFLOPs']:.1f} ({100 * int8['TFLOPs'] / peak:.0f}%) "
+                f"| {ours['peak_GiB']:.2f} / {up32['peak_GiB']:.2f} | {ours['prompt_ms']:.1f} / {fp32['prompt_ms']:.1f} |"
+            )
+    lines += ["", "Prompt encoder + mask decoder, one point per prompt, all 4 masks, ms per prompt batch:", "",
+              "| model | prompts | ours graphed | ours eager | upstream fp32 | speedup vs upstream |",
+              "|---|---|---|---|---|---|"]
+    for name, entry in results["models"].items():
+        for batch, d in entry["decoder"].items():
+            lines.append(
+                f"| {name} | {batch} | {d['ours_ms']:.3f} | {d['ours_eager_ms']:.3f} "
+                f"| {d.get('upstream_fp32_ms', float('nan')):.3f} | {d.get('speedup', float('nan')):.1f}x |"
             )
     lines += ["", "Attention alone, bf16, TFLOP/s of 4 N^2 D per (image, head) (ms):", "",
               "| model | batch | block | ours | SDPA + additive mask | eager |", "|---|---|---|---|---|---|"]
@@ -283,6 +405,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", nargs="+", default=["vit_b", "vit_h"], choices=sorted(SAM_CONFIGS),
                         metavar="SIZE")
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--prompts", nargs="+", type=int, default=[1, 64],
+                        help="prompt batch sizes of the mask decoder measurement")
     parser.add_argument("--repeat", type=int, default=10, help="timed runs per measurement (median)")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                         help="cpu: a tiny config, to check the benchmark's logic without a GPU")
@@ -299,8 +423,8 @@ def main(argv=None) -> int:
 def run(args) -> int:
     # the benchmark measures our kernels: turn on the ones not yet verified on a GPU (kernels/utils.py)
     os.environ.setdefault(utils.UNVERIFIED_ENV_VAR, "1")
-    if min(args.batches) < 1 or max(args.batches) > 64 or args.repeat < 1:
-        print("error: batches must be between 1 and 64 images, repeat at least 1", file=sys.stderr)
+    if min(args.batches) < 1 or max(args.batches) > 64 or min(args.prompts) < 1 or args.repeat < 1:
+        print("error: batches must be between 1 and 64 images, prompts and repeat at least 1", file=sys.stderr)
         return 2
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: bench sam needs a CUDA GPU (or --device cpu for a tiny logic check)", file=sys.stderr)
@@ -317,7 +441,7 @@ def run(args) -> int:
                "matmul_TFLOPs": matmul_peak_tflops(device, timer),
                "peak_matmul": "bf16 8192^3" if device.type == "cuda" else "fp32 512^3", "models": {}}
     for name, config in configs.items():
-        results["models"][name] = bench_model(name, config, args.batches, device, timer, args.repeat, modeling)
+        results["models"][name] = bench_model(name, config, args, device, timer, modeling)
         print(markdown({**results, "models": {name: results["models"][name]}}), flush=True)
     out = write_results(results, args.out, args.name, label, markdown(results))
     print(f"wrote {out / args.name}.json and .md")

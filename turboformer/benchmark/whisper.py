@@ -7,7 +7,8 @@ For each model size (random weights of the real dimensions) and batch size:
 - hardware units: decode GB/s against the bytes a step must read (weights + cross-attention K/V + self K/V),
   encoder TFLOP/s against the encoder's FLOPs, each with its floor from the measured copy/matmul peaks.
 The reference is transformers' WhisperForConditionalGeneration in fp16 with SDPA attention, decoding through
-``generate`` with its KV cache (the encoder output passed in, so the decode time excludes the encoder).
+``generate`` with its KV cache (the encoder output passed in, so the decode time excludes the encoder); with
+``--hf-compile``, also with its static cache and ``torch.compile(mode="reduce-overhead")``.
 
     turboformer bench whisper [--models tiny base small large-v3 large-v3-turbo] [--batches 1 16 64] [--int8]
     python benchmarks/bench_whisper.py ...        (the same, from a checkout)
@@ -122,10 +123,15 @@ def bench_ours(model, config, batches, mel, options) -> tuple[dict, GraphEngine]
     return {"build_s": build_s, "rows": rows}, engine
 
 
-def bench_hf(config, state, batches, mel) -> dict:
+def bench_hf(config, state, batches, mel, compiled: bool = False) -> dict:
+    """transformers' decode; ``compiled``: with its static KV cache and ``torch.compile(mode="reduce-overhead")``
+    on the forward (CUDA graphs), the recipe of transformers' "optimizing inference" guide. A failure to run
+    (compile errors, unsupported cache) is recorded as the row's ``error`` instead of a time."""
     from transformers import GenerationConfig, GenerationMixin
 
     model = to_huggingface(config, state, attn_implementation="sdpa").half()
+    if compiled:
+        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=False)
     eot = 50257 if config.multilingual else 50256
     rows = {}
     for batch in batches:
@@ -142,6 +148,7 @@ def bench_hf(config, state, batches, mel) -> dict:
         generation = GenerationConfig(
             max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, num_beams=1, use_cache=True,
             eos_token_id=eot, pad_token_id=eot, decoder_start_token_id=eot + 1,
+            cache_implementation="static" if compiled else None,
         )  # fmt: skip
 
         def decode():  # transformers' generic generate loop: Whisper's override adds long-form logic we skip
@@ -150,9 +157,18 @@ def bench_hf(config, state, batches, mel) -> dict:
                     model, encoder_outputs=encoded, decoder_input_ids=prompt, generation_config=generation
                 )
 
-        out = decode()
-        assert out.shape[1] == PROMPT_TOKENS + NEW_TOKENS
-        decode_ms = cuda_ms(decode, 2, warmup=0)
+        try:
+            started = time.perf_counter()
+            out = decode()  # compiles, when compiled
+            compile_s = time.perf_counter() - started
+            assert out.shape[1] == PROMPT_TOKENS + NEW_TOKENS
+            decode_ms = cuda_ms(decode, 2, warmup=1 if compiled else 0)
+        except Exception as error:  # the row records why the reference could not run
+            if not compiled:
+                raise
+            rows[batch] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"}
+            print(f"HF static cache + torch.compile, batch {batch}: {rows[batch]['error']}", file=sys.stderr)
+            continue
         rows[batch] = {
             "encoder_ms": encode_ms,
             "decode_ms": decode_ms,
@@ -161,6 +177,8 @@ def bench_hf(config, state, batches, mel) -> dict:
             "rtfx": 30 * batch / ((encode_ms + decode_ms) / 1e3),
             "encoder_TFLOPs": encoder_flops(config, batch) / encode_ms / 1e9,
         }
+        if compiled:
+            rows[batch]["first_call_s"] = compile_s
     return {"rows": rows}  # the model goes with this frame
 
 
@@ -175,8 +193,8 @@ def markdown(results: dict) -> str:
         "pass (ours: the per-token figure excludes it).",
         "",
         "| model | batch | build s | encoder ms (HF) | enc TFLOP/s (% peak) | ms/token (HF) | speedup/token "
-        "| decode GB/s (% copy) | RTFx (HF) | RTFx ratio | INT8 ms/token |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| decode GB/s (% copy) | RTFx (HF) | RTFx ratio | INT8 ms/token | HF compiled ms/token |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, entry in results["models"].items():
         for batch, ours in entry["ours"]["rows"].items():
@@ -187,9 +205,17 @@ def markdown(results: dict) -> str:
                 f"| {ours['ms_per_token']:.3f} ({hf['ms_per_token']:.2f}) | {hf['ms_per_token'] / ours['ms_per_token']:.1f}x "
                 f"| {ours['decode_GBps']:.0f} ({100 * ours['decode_GBps'] / peaks['copy_GBps']:.0f}%) "
                 f"| {ours['rtfx']:.0f} ({hf['rtfx']:.0f}) | {ours['rtfx'] / hf['rtfx']:.1f}x "
-                f"| {entry['ours'].get('int8_rows', {}).get(batch, {}).get('ms_per_token', float('nan')):.3f} |"
+                f"| {entry['ours'].get('int8_rows', {}).get(batch, {}).get('ms_per_token', float('nan')):.3f} "
+                f"| {_compiled_cell(entry, batch)} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _compiled_cell(entry: dict, batch) -> str:
+    row = entry.get("hf_compiled", {}).get("rows", {}).get(batch)
+    if row is None:
+        return "-"
+    return "did not run" if "error" in row else f"{row['ms_per_token']:.3f}"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -199,6 +225,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="benchmarks/results", help="results folder (a <gpu> folder goes inside)")
     parser.add_argument("--name", default="whisper", help="stem of the JSON/Markdown files written")
     parser.add_argument("--int8", action="store_true", help="also time the INT8 engine (weights + cross-KV)")
+    parser.add_argument("--hf-compile", nargs="*", type=int, metavar="BATCH", default=None,
+                        help="also time transformers with its static cache + torch.compile at these batches "
+                             "(no value: all; compiling takes minutes per model and batch)")  # fmt: skip
 
 
 def main(argv=None) -> int:
@@ -237,10 +266,16 @@ def run(args) -> int:
             torch.cuda.empty_cache()
         del model
         hf = bench_hf(config, state, args.batches, mel)
-        del state
         gc.collect()
         torch.cuda.empty_cache()
         results["models"][name] = {"ours": ours, "hf": hf}
+        if args.hf_compile is not None:
+            batches = [b for b in args.batches if not args.hf_compile or b in args.hf_compile]
+            results["models"][name]["hf_compiled"] = bench_hf(config, state, batches, mel, compiled=True)
+            torch._dynamo.reset()
+            gc.collect()
+            torch.cuda.empty_cache()
+        del state
         print("\n".join(markdown({**results, "models": {name: results["models"][name]}}).splitlines()[-len(args.batches):]), flush=True)
     write_results(results, args.out, args.name, gpu, markdown(results))
     print(markdown(results))

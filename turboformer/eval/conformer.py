@@ -11,6 +11,7 @@ import torch
 
 from turboformer.eval.metrics import error_rate
 from turboformer.models.conformer import ConformerRecognizer, RecognizeOptions
+from turboformer.models.conformer.engine import convert_model
 
 
 @dataclass(frozen=True)
@@ -41,16 +42,21 @@ def evaluate_recognition(
     dtype: torch.dtype,
     options: RecognizeOptions = RecognizeOptions(),
     truths: list[str] | None = None,
+    quantize: str | None = None,
 ) -> RecognitionEvalReport:
     reference = ConformerRecognizer.from_dir(model_dir, "cpu")
-    candidate = ConformerRecognizer.from_dir(model_dir, device)
-    candidate.model.to(dtype)  # softmax, log-softmax and CMVN stay fp32 inside the model
+    if torch.device(device).type == "cuda":
+        candidate = ConformerRecognizer.from_dir(model_dir, device, dtype=dtype, quantize=quantize)  # GPU engine
+    else:  # the reference path with the model in ``dtype`` (CMVN and BatchNorm statistics stay fp32)
+        candidate = ConformerRecognizer.from_dir(model_dir, device)
+        convert_model(candidate.model, dtype, quantize)
     ref_out, cand_out = reference.recognize(inputs, options), candidate.recognize(inputs, options)
     equal = [a.tokens == b.tokens for a, b in zip(ref_out, cand_out)]
     diffs = [abs(a.score - b.score) for a, b, same in zip(ref_out, cand_out, equal) if same]
     ref_texts, cand_texts = [r.text for r in ref_out], [r.text for r in cand_out]
     return RecognitionEvalReport(
-        engine=f"{model_dir} on {device}, {str(dtype).removeprefix('torch.')}, {options.mode}",
+        engine=f"{model_dir} on {device}, {str(dtype).removeprefix('torch.')}" + (f", {quantize}" if quantize else "")
+        + f", {options.mode}",
         inputs=len(inputs),
         hypotheses_equal=sum(equal) / max(len(inputs), 1),
         cer_vs_fp32=error_rate(ref_texts, cand_texts, "char"),

@@ -51,9 +51,11 @@ def point_grid(height: int, width: int, per_side: int) -> np.ndarray:
 
 
 def evaluate_segmentation(
-    checkpoint: str, image: np.ndarray, device: str, dtype: torch.dtype, points_per_side: int = 4
+    checkpoint: str, image: np.ndarray, device: str, dtype: torch.dtype, points_per_side: int = 4,
+    quantize: str | None = None,
 ) -> SegmentationEvalReport:
-    reference, candidate = SamPredictor(load_sam(checkpoint)), SamPredictor(load_sam(checkpoint, device, dtype))
+    reference = SamPredictor(load_sam(checkpoint))
+    candidate = SamPredictor(load_sam(checkpoint, device, dtype, quantize=quantize))
     reference.set_image(image)
     candidate.set_image(image)
     ious, ref_logits, cand_logits, score_diffs = [], [], [], []
@@ -66,7 +68,7 @@ def evaluate_segmentation(
         score_diffs.append(np.abs(np.asarray(a.iou_predictions, np.float64) - np.asarray(b.iou_predictions, np.float64)).max())
     ious = np.concatenate(ious)
     return SegmentationEvalReport(
-        engine=f"{checkpoint} on {device}, {str(dtype).removeprefix('torch.')}",
+        engine=f"{checkpoint} on {device}, {str(dtype).removeprefix('torch.')}" + (f", {quantize}" if quantize else ""),
         prompts=points_per_side**2,
         mean_iou=float(ious.mean()),
         min_iou=float(ious.min()),

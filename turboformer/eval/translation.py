@@ -54,9 +54,10 @@ def evaluate_translation(
     device: str,
     dtype: torch.dtype,
     options: TranslateOptions = TranslateOptions(),
+    quantize: str | None = None,
 ) -> TranslationEvalReport:
     reference = LiteTransformerTranslator.from_dir(model_dir, "cpu", torch.float32)
-    candidate = LiteTransformerTranslator.from_dir(model_dir, device, dtype)
+    candidate = LiteTransformerTranslator.from_dir(model_dir, device, dtype, quantize=quantize)
     ref_out = reference.translate(sentences, options)
     cand_out = candidate.translate(sentences, options)
     equal = [a.tokens == b.tokens for a, b in zip(ref_out, cand_out)]
@@ -65,7 +66,7 @@ def evaluate_translation(
     if references is not None:
         bleu = (corpus_bleu([t.text for t in ref_out], references), corpus_bleu([t.text for t in cand_out], references))
     return TranslationEvalReport(
-        engine=f"{model_dir} on {device}, {str(dtype).removeprefix('torch.')}",
+        engine=f"{model_dir} on {device}, {str(dtype).removeprefix('torch.')}" + (f", {quantize}" if quantize else ""),
         sentences=len(sentences),
         hypotheses_equal=sum(equal) / max(len(sentences), 1),
         max_score_diff=max(diffs) if diffs else float("nan"),

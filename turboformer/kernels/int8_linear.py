@@ -1,7 +1,9 @@
 """Weight-only INT8 linear layer: ``y = x @ (w_int8 * scale[:, None])^T + bias`` with fp32 accumulation.
 
 Weights are quantised once at engine build, symmetric per output channel (``scale[n] = max_k |w[n, k]| /
-127``, round to nearest, clamp to [-127, 127]); activations stay in the model dtype. At decode (M = 1..64
+127``, round to nearest, clamp to [-127, 127]) or per group of G consecutive inputs (``scale [N, K / G]``,
+``GROUP`` below: the tile is dequantised in registers before the dot, and the epilogue skips the scale);
+activations stay in the model dtype. At decode (M = 1..64
 tokens) a linear layer is a GEMV-like stream over its weight: int8 halves the bytes of fp16, and the
 dequantisation is free in registers. ``(x @ w_int8^T)[m, n] * scale[n]`` equals ``x @ (w_int8 *
 scale)^T``, so the kernel multiplies int8 (converted exactly to the activation dtype) on the tensor cores
@@ -44,8 +46,10 @@ def _int8_linear_kernel(
     k_per_split,  # a multiple of BLOCK_K
     stride_xm, stride_xk,
     stride_wn, stride_wk,
+    stride_sn,  # scale row stride (group-wise scales [N, K / GROUP])
     HAS_BIAS: tl.constexpr,
     SPLIT: tl.constexpr,  # split-K: write fp32 partials for the epilogue kernel
+    GROUP: tl.constexpr,  # 0: per-channel scales [N], applied in the epilogue; G: [N, K / G], applied per tile
     DOT_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -71,11 +75,18 @@ def _int8_linear_kernel(
         k_mask = (k0 + rk) < k_end
         x = tl.load(x_ptrs + k0 * stride_xk, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(w_ptrs + k0 * stride_wk, mask=n_mask[:, None] & k_mask[None, :], other=0)
+        if GROUP > 0:
+            # group-wise: dequantise the tile (fp32 product, rounded once to the dot dtype)
+            s = tl.load(scale_ptr + rn.to(tl.int64)[:, None] * stride_sn + ((k0 + rk) // GROUP)[None, :],
+                        mask=n_mask[:, None] & k_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
+            w = w.to(tl.float32) * s
         # int8 -> fp16/bf16 is exact (|w| <= 127 < 2^8); products and sums in fp32 on the tensor cores.
         acc = tl.dot(x.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), acc, input_precision="ieee")
 
     if not SPLIT:
-        y = acc * tl.load(scale_ptr + rn, mask=n_mask, other=0.0)[None, :]
+        y = acc
+        if GROUP == 0:
+            y = y * tl.load(scale_ptr + rn, mask=n_mask, other=0.0)[None, :]
         if HAS_BIAS:
             y += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         out = rm.to(tl.int64)[:, None] * N + rn[None, :]
@@ -99,8 +110,10 @@ def _int8_gemv_kernel(
     k_per_split,  # a multiple of BLOCK_K
     stride_xm, stride_xk,
     stride_wn, stride_wk,
+    stride_sn,
     HAS_BIAS: tl.constexpr,
     SPLIT: tl.constexpr,
+    GROUP: tl.constexpr,  # as in _int8_linear_kernel
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):  # fmt: skip
@@ -119,12 +132,17 @@ def _int8_gemv_kernel(
         k_mask = (k0 + rk) < k_end
         w = tl.load(w_ptrs + k0 * stride_wk, mask=n_mask[:, None] & k_mask[None, :], other=0)
         x = tl.load(x_ptr + m * stride_xm + (k0 + rk) * stride_xk, mask=k_mask, other=0.0)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        w = w.to(tl.float32)
+        if GROUP > 0:
+            w *= tl.load(scale_ptr + rn.to(tl.int64)[:, None] * stride_sn + ((k0 + rk) // GROUP)[None, :],
+                         mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        acc += w * x.to(tl.float32)[None, :]
     y = tl.sum(acc, axis=1)  # [BLOCK_N]
     if SPLIT:
         tl.store(partial_ptr + (pid_k * M + m) * N + rn, y, mask=n_mask)
     else:
-        y = y * tl.load(scale_ptr + rn, mask=n_mask, other=0.0)
+        if GROUP == 0:
+            y = y * tl.load(scale_ptr + rn, mask=n_mask, other=0.0)
         if HAS_BIAS:
             y += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
         tl.store(y_ptr + m * N + rn, y.to(y_ptr.dtype.element_ty), mask=n_mask)
@@ -140,6 +158,7 @@ def _split_k_epilogue_kernel(
     N,
     split_k,
     HAS_BIAS: tl.constexpr,
+    GROUP: tl.constexpr,  # > 0: the partials are already scaled (group-wise)
     BLOCK: tl.constexpr,
 ):
     # y = (sum of the split_k partials, in split order) * scale + bias: the partials sit in L2.
@@ -149,7 +168,9 @@ def _split_k_epilogue_kernel(
     for split in range(split_k):
         acc += tl.load(partial_ptr + split * M * N + offs, mask=mask, other=0.0)
     n = offs % N
-    y = acc * tl.load(scale_ptr + n, mask=mask, other=0.0)
+    y = acc
+    if GROUP == 0:
+        y = y * tl.load(scale_ptr + n, mask=mask, other=0.0)
     if HAS_BIAS:
         y += tl.load(bias_ptr + n, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -164,8 +185,13 @@ def _check(x: torch.Tensor, w_int8: torch.Tensor, scale: torch.Tensor, bias: tor
         raise KernelInputError("w_int8 has no input features (K = 0)")
     if x.dim() == 0 or x.shape[-1] != k:
         raise KernelInputError(f"x must be [..., K={k}] to match w_int8 [N={n}, K={k}], got {list(x.shape)}")
-    if scale.shape != (n,) or scale.dtype != torch.float32:
-        raise KernelInputError(f"scale must be float32 [{n}], got {scale.dtype} {list(scale.shape)}")
+    if scale.dtype != torch.float32 or not (
+        scale.shape == (n,) or (scale.dim() == 2 and scale.shape[0] == n and 0 < scale.shape[1] and k % scale.shape[1] == 0)
+    ):
+        raise KernelInputError(
+            f"scale must be float32 [{n}] (per channel) or [{n}, K / group] with K={k} divisible into the groups, "
+            f"got {scale.dtype} {list(scale.shape)}"
+        )
     if bias is not None:
         utils.check_vector("bias", bias, n)
 
@@ -220,13 +246,17 @@ def int8_linear_triton(
     if m == 0 or n == 0:
         return y.view(*x.shape[:-1], n)
     plan = _plan(m, n, k, x.device)
+    group = group_size(w_int8, scale)
+    if group:  # the [BLOCK_N, BLOCK_K] fp32 scale tile is pipelined too: one stage fewer fits shared memory
+        plan = plan._replace(num_stages=2)
     split_k = plan.split_k
     partial = utils.empty((split_k, m, n), torch.float32, x.device) if split_k > 1 else y
     bias_arg = bias if bias is not None else scale
     grid = (utils.cdiv(n, plan.block_n), utils.cdiv(m, plan.block_m), split_k)
-    args = (x2, w_int8, scale, bias_arg, y, partial, m, n, k, plan.k_per_split, *x2.stride(), *w_int8.stride())
+    args = (x2, w_int8, scale, bias_arg, y, partial, m, n, k, plan.k_per_split, *x2.stride(), *w_int8.stride(),
+            scale.stride(0))  # fmt: skip
     meta = dict(
-        HAS_BIAS=bias is not None, SPLIT=split_k > 1, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k,
+        HAS_BIAS=bias is not None, SPLIT=split_k > 1, GROUP=group, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k,
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )  # fmt: skip
     if plan.gemv:
@@ -238,7 +268,8 @@ def int8_linear_triton(
     if split_k > 1:
         block = 1024
         _split_k_epilogue_kernel[(utils.cdiv(m * n, block),)](
-            partial, scale, bias_arg, y, m, n, split_k, HAS_BIAS=bias is not None, BLOCK=block, num_warps=4
+            partial, scale, bias_arg, y, m, n, split_k, HAS_BIAS=bias is not None, GROUP=group, BLOCK=block,
+            num_warps=4,
         )
     return y.view(*x.shape[:-1], n)
 
@@ -248,7 +279,7 @@ def int8_linear_ref(
 ) -> torch.Tensor:
     """PyTorch reference in fp32: dequantise the weight, ``x @ w^T + bias``, cast to x's dtype."""
     _check(x, w_int8, scale, bias)
-    w = w_int8.float() * scale[:, None]  # [N, K]
+    w = dequantize_weight(w_int8, scale)  # [N, K] fp32
     y = x.float() @ w.t()
     if bias is not None:
         y = y + bias.float()
@@ -262,8 +293,8 @@ def int8_linear(
 
     Args:
         x: ``[..., K]`` activations, fp32/fp16/bf16.
-        w_int8: ``[N, K]`` int8 weight and ``scale``: ``[N]`` fp32, from :func:`quantize_weight`
-            (``w ~= w_int8 * scale[:, None]``).
+        w_int8: ``[N, K]`` int8 weight and ``scale``: ``[N]`` (per channel) or ``[N, K / G]`` (groups of G
+            inputs) fp32, from :func:`quantize_weight` (``w ~= dequantize_weight(w_int8, scale)``).
         bias: ``[N]`` or None.
 
     Returns:
@@ -274,17 +305,38 @@ def int8_linear(
     return int8_linear_ref(x, w_int8, scale, bias)
 
 
-def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-channel int8 quantisation of a linear weight ``w [N, K]``.
+def group_size(w_int8: torch.Tensor, scale: torch.Tensor) -> int:
+    """Input features per scale: 0 for per-channel scales ``[N]``, ``K / groups`` for group-wise ``[N, groups]``."""
+    return 0 if scale.dim() == 1 else w_int8.shape[1] // scale.shape[1]
 
-    ``scale[n] = max_k |w[n, k]| / 127`` (1 for an all-zero row), ``w_int8 = clamp(round(w / scale), -127,
-    127)`` (round half to even), so that ``w ~= w_int8 * scale[:, None]``. Returns ``(w_int8 [N, K] int8,
-    scale [N] float32)``. Runs once at engine build, in PyTorch.
+
+def dequantize_weight(w_int8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``w_int8 * scale`` in fp32, per channel (``scale [N]``) or per group (``scale [N, K / G]``)."""
+    n, k = w_int8.shape
+    if scale.dim() == 1:
+        return w_int8.float() * scale[:, None]
+    return (w_int8.float().view(n, scale.shape[1], -1) * scale[:, :, None]).view(n, k)
+
+
+def quantize_weight(w: torch.Tensor, group: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 quantisation of a linear weight ``w [N, K]``, per output channel or per group of inputs.
+
+    Per channel (``group=None``, or a group that does not divide K): ``scale[n] = max_k |w[n, k]| / 127`` (1 for
+    an all-zero row), ``w_int8 = clamp(round(w / scale), -127, 127)`` (round half to even), so that ``w ~= w_int8 *
+    scale[:, None]``; returns ``(w_int8 [N, K] int8, scale [N] float32)``. Group-wise (``group=G`` dividing K,
+    as in GPTQ/AWQ, Frantar et al. arXiv 2210.17323): one scale per G consecutive inputs of a row, ``scale [N,
+    K / G]``; a row whose few large weights would crush the step of all the others under one scale keeps its
+    resolution elsewhere. Runs once at engine build, in PyTorch.
     """
     utils.check_float("w", w)
     if w.dim() != 2 or w.shape[1] == 0:
         raise KernelInputError(f"w must be a 2-D [N, K] weight with K > 0, got {list(w.shape)}")
-    wf = w.float()
-    amax = wf.abs().amax(dim=1)  # [N]
+    if group is not None and group < 1:
+        raise KernelInputError(f"group must be >= 1 (or None for per-channel scales), got {group}")
+    n, k = w.shape
+    grouped = group is not None and group < k and k % group == 0
+    wf = w.float().view(n, k // group, group) if grouped else w.float().view(n, 1, k)
+    amax = wf.abs().amax(dim=2)  # [N, groups]
     scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-    return torch.round(wf / scale[:, None]).clamp_(-127, 127).to(torch.int8), scale
+    w_int8 = torch.round(wf / scale[:, :, None]).clamp_(-127, 127).to(torch.int8).view(n, k)
+    return w_int8, (scale if grouped else scale[:, 0].contiguous())

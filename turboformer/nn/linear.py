@@ -18,18 +18,23 @@ class PackedLinear:
     bound by reading the weights, and int8 halves those bytes.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, int8: bool = False):
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, int8: bool = False,
+        group: int | None = None,
+    ):  # fmt: skip
         self.int8 = int8
         self.out_features, self.in_features = weight.shape
-        if int8:
-            self.weight, self.scale = quantize_weight(weight)
+        if int8:  # per output channel, or per ``group`` inputs (see quantize_weight)
+            self.weight, self.scale = quantize_weight(weight, group)
         else:
             self.weight, self.scale = weight.to(dtype).contiguous(), None
         self.bias = None if bias is None else bias.to(dtype).contiguous()
 
     @classmethod
-    def of(cls, linear: nn.Linear, dtype: torch.dtype, int8: bool = False, with_bias: bool = True) -> "PackedLinear":
-        return cls(linear.weight.detach(), linear.bias.detach() if with_bias else None, dtype, int8)
+    def of(
+        cls, linear: nn.Linear, dtype: torch.dtype, int8: bool = False, with_bias: bool = True, group: int | None = None
+    ) -> PackedLinear:
+        return cls(linear.weight.detach(), linear.bias.detach() if with_bias else None, dtype, int8, group)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.int8:
@@ -52,12 +57,12 @@ class Int8Linear(nn.Module):
     follows the activations' dtype. Forward: the Triton kernel on CUDA, the dequantising reference elsewhere.
     """
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, group: int | None = None):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        weight, scale = quantize_weight(linear.weight.detach())
+        weight, scale = quantize_weight(linear.weight.detach(), group)
         self.register_buffer("weight", weight)  # [N, K] int8
-        self.register_buffer("scale", scale)  # [N] fp32
+        self.register_buffer("scale", scale)  # [N] fp32 per channel, or [N, K / group] group-wise
         bias = None if linear.bias is None else linear.bias.detach().clone()
         self.register_buffer("bias", bias)  # [N] or None
 
@@ -76,9 +81,12 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
 
 
-def quantize_linears(module: nn.Module, skip: Callable[[str], bool] = lambda name: False) -> list[str]:
+def quantize_linears(
+    module: nn.Module, skip: Callable[[str], bool] = lambda name: False, group: int | None = None
+) -> list[str]:
     """Replace every ``nn.Linear`` under ``module`` (in place) by an :class:`Int8Linear`, except those whose
     qualified name ``skip(name)`` accepts (e.g. an output projection kept in fp16). Returns the replaced names.
+    ``group``: scales per ``group`` input features (``quantize_weight``); None: per output channel.
 
     Weight-only INT8 (Dettmers et al., "LLM.int8()", arXiv 2208.07339, per-channel absmax without outliers):
     activations stay in the engine dtype. Call it after moving the model to its dtype, before ``.to(device)``
@@ -90,6 +98,6 @@ def quantize_linears(module: nn.Module, skip: Callable[[str], bool] = lambda nam
         for attr, sub in list(child.named_children()):
             qualified = f"{name}.{attr}" if name else attr
             if isinstance(sub, nn.Linear) and not skip(qualified):
-                setattr(child, attr, Int8Linear(sub))
+                setattr(child, attr, Int8Linear(sub, group))
                 replaced.append(qualified)
     return replaced

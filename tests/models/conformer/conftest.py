@@ -8,13 +8,16 @@ Helpers are methods of the ``ref`` fixture (test modules here cannot import each
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-REFERENCE = Path(__file__).resolve().parents[4] / "shared" / "reference" / "wenet"  # /work/shared/reference/wenet
+# $TURBOFORMER_REFERENCE_DIR/wenet (the GPU machine), else ../shared/reference/wenet beside the checkout
+_ROOT = os.environ.get("TURBOFORMER_REFERENCE_DIR")
+REFERENCE = (Path(_ROOT) if _ROOT else Path(__file__).resolve().parents[4] / "shared" / "reference") / "wenet"
 
 
 class WenetReference:

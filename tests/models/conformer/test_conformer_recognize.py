@@ -11,7 +11,11 @@ import pytest
 import torch
 
 from turboformer.audio import AudioError
-from turboformer.models.conformer import ConformerInputError, RecognizeOptions, RecognizeOptionsError
+from turboformer.models.conformer import (
+    ConformerInputError,
+    RecognizeOptions,
+    RecognizeOptionsError,
+)
 from turboformer.models.conformer.cli import add_parser, main
 
 UPSTREAM_MODE = {

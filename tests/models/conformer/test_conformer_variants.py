@@ -14,7 +14,11 @@ import pytest
 import torch
 
 from turboformer.models.conformer import build_model
-from turboformer.models.conformer.config import ConformerConfig, DecoderConfig, EncoderConfig
+from turboformer.models.conformer.config import (
+    ConformerConfig,
+    DecoderConfig,
+    EncoderConfig,
+)
 from turboformer.models.conformer.load import wenet_name_map
 
 TINY = ConformerConfig(

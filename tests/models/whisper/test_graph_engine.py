@@ -68,8 +68,13 @@ def test_cpu_int8_engine_stays_close(tiny_en, librivox):
     assert engine.layers[0].qkv.weight.dtype == torch.int8 and engine.cross_k.dtype == torch.int8
     fp32 = [r.text for r in transcribe_batch(tiny_en.engine, tiny_en.tokenizer, clips, GREEDY)]
     int8 = [r.text for r in transcribe_batch(engine, tiny_en.tokenizer, clips, GREEDY)]
-    assert sum(a == b for a, b in zip(fp32, int8)) >= 4
-    assert abs(word_error_rate(refs, int8) - word_error_rate(refs, fp32)) <= FIDELITY[("float16", "int8")][1]
+    assert engine.layers[0].fc2.scale.shape == (384, 1536 // 64)  # group-wise scales by default
+    assert int8 == fp32  # groups of 64 inputs: the 5 LibriVox transcripts as in fp32
+    per_channel = _graph_engine(
+        tiny_en, dtype=torch.float32, quantize="int8", int8_group=None, cuda_graphs=False, buckets=(8,)
+    )
+    coarse = [r.text for r in transcribe_batch(per_channel, tiny_en.tokenizer, clips, GREEDY)]
+    assert sum(a != b for a, b in zip(fp32, coarse)) == 1  # per-channel scales: "ill-disposed" -> "old-sposed"
 
 
 def _greedy_both_ways(model, engine, audio, n_tokens=24):
@@ -126,14 +131,13 @@ def test_buckets_and_options():
 
 # dtype, quantize -> (share of clips whose transcript must equal fp32 CPU, max |WER - WER fp32|, as fractions).
 # The bars are 0.2 WER points for fp16/bf16 and 0.5 for INT8. On these 10 clips (91 words) one word is
-# 1.1 points, so fp16/bf16 must reproduce fp32 exactly. Per-channel INT8 weights (the fc2 rows, 1536 long, are
-# the sensitive ones) turn "ill-disposed" into "old-sposed" in one LibriVox clip of tiny.en, on CPU as on GPU:
-# 4.2 points on the 10 clips. That misses the 0.5-point bar; the bar here is what per-channel INT8
-# achieves, and the gap is reported, not hidden.
+# 1.1 points, so fp16/bf16/INT8 must reproduce fp32 exactly. Per-channel INT8 weights (the fc2 rows, 1536 long,
+# are the sensitive ones) turn "ill-disposed" into "old-sposed" in one LibriVox clip of tiny.en, on CPU as on the
+# H200 (4.2 points); the engine's default group-wise scales (one per 64 inputs) keep that word.
 FIDELITY = {
     ("float16", None): (0.95, 0.002),
     ("bfloat16", None): (0.95, 0.002),
-    ("float16", "int8"): (0.7, 0.06),
+    ("float16", "int8"): (0.9, 0.005),
 }
 
 

@@ -5,11 +5,24 @@
     print(recognizer.recognize(["a.wav"], RecognizeOptions(mode="attention_rescoring"))[0].text)
 """
 
-from .config import CONFORMER_CONFIGS, ConformerConfig, ConformerConfigError, config_from_name, parse_train_yaml
+from .config import (
+    CONFORMER_CONFIGS,
+    ConformerConfig,
+    ConformerConfigError,
+    config_from_name,
+    parse_train_yaml,
+)
 from .encoder import ConformerInputError
+from .engine import ConformerEngine, EngineOptions, EngineOptionsError
 from .load import CheckpointError, SymbolTable, load_conformer
 from .model import ConformerASR, build_model
-from .recognize import ConformerRecognizer, Hypothesis, Recognition, RecognizeOptions, RecognizeOptionsError
+from .recognize import (
+    ConformerRecognizer,
+    Hypothesis,
+    Recognition,
+    RecognizeOptions,
+    RecognizeOptionsError,
+)
 
 __all__ = [
     "CONFORMER_CONFIGS",
@@ -17,8 +30,11 @@ __all__ = [
     "ConformerASR",
     "ConformerConfig",
     "ConformerConfigError",
+    "ConformerEngine",
     "ConformerInputError",
     "ConformerRecognizer",
+    "EngineOptions",
+    "EngineOptionsError",
     "Hypothesis",
     "Recognition",
     "RecognizeOptions",

@@ -3,6 +3,9 @@
 One output line per input file, in input order: ``path<TAB>text`` (txt) or a JSON object (json: path,
 text, tokens, score). A file that cannot be read or decoded gives one ``error:`` line on stderr; the
 others are still recognized and the exit status is 1. Bad options or an unloadable model exit with 2.
+
+``--device cuda`` decodes with the GPU engine (``--dtype``, default float16; ``--quantize int8``; CUDA graphs
+unless ``--no-cuda-graphs``); ``--dtype float16|bfloat16`` or ``--quantize`` on CPU exit with 2.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import json
 import sys
 
 from .recognize import MODES
+
+DTYPES = ("float32", "float16", "bfloat16")
 
 
 def add_parser(subparsers) -> None:
@@ -38,6 +43,14 @@ def add_parser(subparsers) -> None:
     p.add_argument("--left-chunks", type=int, default=-1, help="chunks of history, -1 = all")
     p.add_argument("--simulate-streaming", action="store_true", help="chunk-by-chunk with caches (chunk-size > 0)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default=None,
+        help="engine precision on cuda (default: float16 on cuda; cpu runs the float32 reference only)",
+    )
+    p.add_argument("--quantize", choices=("int8",), default=None, help="weight-only INT8 linears (cuda only)")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="run the cuda engine eagerly (debugging)")
     p.add_argument("--batch-size", type=int, default=8, help="files encoded together (default: %(default)s)")
     p.add_argument("--output-format", choices=("txt", "json"), default="txt", help="default: %(default)s")
     p.set_defaults(func=main)
@@ -58,6 +71,8 @@ def _device(name: str):
 
 def main(args: argparse.Namespace) -> int:
     """Run ``recognize`` for parsed ``args``; returns the exit status."""
+    import torch
+
     from turboformer.audio import AudioError
 
     from .encoder import ConformerInputError
@@ -75,7 +90,13 @@ def main(args: argparse.Namespace) -> int:
             simulate_streaming=args.simulate_streaming,
             batch=args.batch_size,
         )
-        recognizer = ConformerRecognizer.from_dir(args.model, device=device)
+        recognizer = ConformerRecognizer.from_dir(
+            args.model,
+            device=device,
+            dtype=None if args.dtype is None else getattr(torch, args.dtype),
+            quantize=args.quantize,
+            cuda_graphs=not args.no_cuda_graphs,
+        )
     except ValueError as e:  # device, options, train.yaml, checkpoint
         print(f"error: {e}", file=sys.stderr)
         return 2

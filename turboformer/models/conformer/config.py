@@ -11,8 +11,9 @@ raises :class:`ConformerConfigError` naming the key, never a silently different 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 
 class ConformerConfigError(ValueError):

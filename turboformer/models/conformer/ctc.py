@@ -71,7 +71,7 @@ def log_add(*values: float) -> float:
 class _Prefix:
     """Log-probabilities of a prefix ending in blank (``s``) and in its last unit (``ns``)."""
 
-    __slots__ = ("s", "ns")
+    __slots__ = ("ns", "s")
 
     def __init__(self, s: float = NEG_INF, ns: float = NEG_INF):
         self.s, self.ns = s, ns

@@ -14,7 +14,7 @@ K = conv kernel. Feature frames are 10 ms; encoder frames are ``subsampling_rate
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -302,7 +302,8 @@ class ConformerEncoder(nn.Module):
 
     def embed(self, feats: torch.Tensor) -> torch.Tensor:
         """CMVN and subsampling of raw fbank [B, T, F] -> [B, T', D], already scaled by sqrt(D)."""
-        normalised = self.global_cmvn(feats).to(self.subsampling.out.weight.dtype)  # float32 -> model dtype
+        # float32 -> the model dtype (read from a conv: the linear ``out`` may hold int8 weights)
+        normalised = self.global_cmvn(feats).to(self.subsampling.convs[0].weight.dtype)
         return self.subsampling(normalised) * self.xscale
 
     def attention_mask(self, valid: torch.Tensor, chunk_size: int, left_chunks: int) -> torch.Tensor:

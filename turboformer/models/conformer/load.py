@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import yaml
@@ -217,7 +217,7 @@ class SymbolTable:
     word_piece: bool = False  # BPE models: '▁' marks a word start and becomes a space
 
     @classmethod
-    def read(cls, path: str | Path, word_piece: bool = False) -> "SymbolTable":
+    def read(cls, path: str | Path, word_piece: bool = False) -> SymbolTable:
         """Parse ``<unit> <id>`` lines; ids must be exactly 0 .. V-1."""
         table: dict[int, str] = {}
         try:

@@ -10,6 +10,10 @@ The four WeNet decoding modes (``ASRModel.decode``):
 Streaming: ``chunk_size > 0`` restricts attention to chunks (``left_chunks`` of history); with
 ``simulate_streaming`` each utterance goes through the cached ``forward_chunk`` path instead.
 
+On CUDA, :class:`~.engine.ConformerEngine` runs ``ctc_greedy``, ``ctc_prefix_beam`` and ``attention_rescoring``
+(fp16/bf16/INT8, CUDA graphs, batched search and rescoring); ``attention`` and simulated streaming run the
+converted model eagerly.
+
 Batches are padded; every result equals the one-utterance result (the front-end, masks and the causal
 or masked convolution keep padding out of valid frames, and attention search stops each utterance at its
 own length).
@@ -18,9 +22,10 @@ own length).
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Union
 
 import numpy as np
 import torch
@@ -29,6 +34,7 @@ from turboformer.audio import kaldi_fbank, load_audio
 
 from .ctc import ctc_greedy_search, ctc_prefix_beam_search
 from .encoder import ConformerInputError
+from .engine import ConformerEngine, EngineOptions, EngineOptionsError
 from .load import SymbolTable, load_conformer
 from .model import ConformerASR
 from .search import attention_beam_search, attention_rescoring
@@ -105,15 +111,38 @@ class Recognition:
 class ConformerRecognizer:
     """A loaded U2/U2++ model with its unit dictionary; stateless across calls."""
 
-    def __init__(self, model: ConformerASR, symbols: SymbolTable):
-        self.model = model.eval()
+    def __init__(self, model: ConformerASR, symbols: SymbolTable, engine: ConformerEngine | None = None):
+        self.engine = engine
+        self.model = (engine.model if engine is not None else model).eval()
         self.symbols = symbols
         self.config = model.config
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path, device: str | torch.device = "cpu") -> "ConformerRecognizer":
-        """Load a WeNet model directory (train.yaml, final.pt, units.txt, global_cmvn)."""
-        return cls(*load_conformer(model_dir, device=device))
+    def from_dir(
+        cls,
+        model_dir: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        quantize: str | None = None,
+        cuda_graphs: bool = True,
+    ) -> ConformerRecognizer:
+        """Load a WeNet model directory (train.yaml, final.pt, units.txt, global_cmvn).
+
+        On CPU: the fp32 reference path (``dtype`` None or float32, no ``quantize``). On CUDA: the
+        :class:`ConformerEngine` in ``dtype`` (default float16; float32 and bfloat16 too), ``quantize="int8"``
+        for weight-only INT8 linears, encoder + CTC + prefix beam search as CUDA graphs (``cuda_graphs``).
+        """
+        device = torch.device(device)
+        if device.type != "cuda":
+            if dtype not in (None, torch.float32) or quantize is not None:
+                raise EngineOptionsError(
+                    f"dtype={dtype} / quantize={quantize!r} need a CUDA device: the CPU path is the fp32 reference"
+                )
+            return cls(*load_conformer(model_dir, device=device))
+        options = EngineOptions(dtype=dtype or torch.float16, quantize=quantize, cuda_graphs=cuda_graphs)
+        options.validate()
+        model, symbols = load_conformer(model_dir, device=device)
+        return cls(model, symbols, ConformerEngine(model, options))
 
     @property
     def device(self) -> torch.device:
@@ -227,6 +256,12 @@ class ConformerRecognizer:
     def _decode(self, feats: torch.Tensor, lengths: torch.Tensor, options: RecognizeOptions) -> list[Recognition]:
         """Decode one padded batch: feats [B, T, F], lengths [B]."""
         model, cfg = self.model, self.config
+        if self.engine is not None and options.mode != "attention" and not options.simulate_streaming:
+            nbests = self.engine.decode(
+                feats, lengths, options.mode, options.beam_size, options.ctc_weight, self._reverse_weight(options),
+                options.chunk_size, options.left_chunks,
+            )  # fmt: skip
+            return [self._result(nbest) for nbest in nbests]
         encoder_out, encoder_lengths = model.encode(
             feats, lengths, options.chunk_size, options.left_chunks, options.simulate_streaming
         )

@@ -9,6 +9,8 @@
   hypothesis y (length n) scores ``(1 - rw) * L + rw * R + cw * ctc(y)`` with
   L = sum_j log p_l2r(y_j | sos, y_<j) + log p_l2r(eos | sos, y) and R the same for the right-to-left
   decoder fed ``sos, y_n .. y_1``. Sums run in float32 like upstream.
+* :func:`attention_rescoring_batched` -- the same scores for a whole batch's n-best in one left and one right
+  decoder forward (the GPU engine's path; :func:`attention_rescoring` is its per-utterance reference).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 
 from .decoder import BiTransformerDecoder, TransformerDecoder
 from .encoder import lengths_to_mask
+from .prefix_search import PrefixBeams
 
 
 def attention_beam_search(
@@ -158,3 +161,92 @@ def attention_rescoring(
         rescored.append((hyp, float(score)))
     order = sorted(range(len(rescored)), key=lambda i: -rescored[i][1])
     return [rescored[i] for i in order]
+
+
+def rescoring_scores(
+    decoder: BiTransformerDecoder,
+    encoder_out: torch.Tensor,
+    encoder_lengths: torch.Tensor,
+    beams: PrefixBeams,
+    ctc_weight: float,
+    reverse_weight: float,
+    sos: int,
+    eos: int,
+    width: int | None = None,
+) -> torch.Tensor:
+    """Attention-rescoring scores of a whole batch's CTC n-best in one left and one right decoder forward.
+
+    The scores of :func:`attention_rescoring` for every utterance at once: the B x N hypotheses are padded to
+    ``width`` tokens (with eos) and decoded against their utterance's encoder output (repeated per hypothesis,
+    padded frames masked), teacher-forced, in float32 log-softmax as there.
+
+    Args:
+        encoder_out: [B, S, D] padded; encoder_lengths: [B] valid frames.
+        beams: the CTC n-best as tensors (:func:`prefix_search.ctc_prefix_beam_search_batched`).
+        width: token columns to decode (>= the longest hypothesis; None: the longest, read on the host).
+    Returns:
+        [B, N] float32 scores; -inf where ``beams.alive`` is False.
+    """
+    batch, n = beams.alive.shape
+    rows, device = batch * n, encoder_out.device
+    lengths = beams.lengths.masked_fill(~beams.alive, 0).reshape(rows)  # [R] hypothesis lengths n_i
+    if width is None:
+        width = int(lengths.max())
+    tokens = beams.tokens.reshape(rows, -1)[:, :width]
+    if tokens.size(1) < width:
+        tokens = F.pad(tokens, (0, width - tokens.size(1)))
+    columns = torch.arange(width + 1, device=device)  # decoder positions 0 .. width
+    inside = columns[:width] < lengths.unsqueeze(1)  # [R, width] valid hypothesis tokens
+    forward_tokens = tokens.masked_fill(~inside, eos)  # y_1 .. y_n, eos ...
+    reverse_index = (lengths.unsqueeze(1) - 1 - columns[:width]).clamp(min=0)
+    reverse_tokens = tokens.gather(1, reverse_index).masked_fill(~inside, eos)  # y_n .. y_1, eos ...
+    sos_column = torch.full((rows, 1), sos, dtype=torch.long, device=device)
+    memory = encoder_out.repeat_interleave(n, dim=0)  # [R, S, D] hypotheses of one utterance adjacent
+    memory_mask = lengths_to_mask(encoder_lengths, encoder_out.size(1)).repeat_interleave(n, dim=0).unsqueeze(1)
+    valid = columns.unsqueeze(0) <= lengths.unsqueeze(1)  # [R, width + 1] positions 0 .. n_i predict y / eos
+
+    def direction_score(decoder_part, inputs: torch.Tensor) -> torch.Tensor:
+        decoder_in = torch.cat([sos_column, inputs], dim=1)  # [R, 1 + width]
+        targets = torch.cat([inputs, torch.full_like(sos_column, eos)], dim=1)  # position j predicts targets[j]
+        targets = torch.where(columns < lengths.unsqueeze(1), targets, eos)  # eos at position n_i
+        logp = F.log_softmax(decoder_part(memory, memory_mask, decoder_in, lengths + 1).float(), dim=-1)
+        picked = logp.gather(2, targets.unsqueeze(-1)).squeeze(-1)  # [R, 1 + width]
+        return picked.masked_fill(~valid, 0.0).sum(dim=1)  # [R] float32
+
+    score = direction_score(decoder.left_decoder, forward_tokens)
+    if reverse_weight > 0.0:
+        r_score = direction_score(decoder.right_decoder, reverse_tokens)
+        score = score * (1 - reverse_weight) + r_score * reverse_weight
+    score = score + (beams.scores.reshape(rows) * ctc_weight).float()
+    return score.view(batch, n).masked_fill(~beams.alive, -float("inf"))
+
+
+def attention_rescoring_batched(
+    decoder: BiTransformerDecoder,
+    encoder_out: torch.Tensor,
+    encoder_lengths: torch.Tensor,
+    beams: PrefixBeams,
+    ctc_weight: float,
+    reverse_weight: float,
+    sos: int,
+    eos: int,
+    width: int | None = None,
+) -> list[list[tuple[tuple[int, ...], float]]]:
+    """:func:`attention_rescoring` of every utterance of a batch (see :func:`rescoring_scores`): per utterance
+    the hypotheses with their rescoring scores, best first (stable: ties keep n-best order)."""
+    scores = rescoring_scores(
+        decoder, encoder_out, encoder_lengths, beams, ctc_weight, reverse_weight, sos, eos, width
+    )
+    return rescored_nbest(beams, scores)
+
+
+def rescored_nbest(beams: PrefixBeams, scores: torch.Tensor) -> list[list[tuple[tuple[int, ...], float]]]:
+    """Per utterance the live hypotheses of ``beams`` with their ``scores`` [B, N], best first (stable)."""
+    order = scores.sort(dim=-1, descending=True, stable=True).indices  # [B, N]
+    order = order.gather(1, (~beams.alive).gather(1, order).long().sort(dim=-1, stable=True).indices)  # live first
+    tokens, lengths, alive = beams.tokens.tolist(), beams.lengths.tolist(), beams.alive.tolist()
+    scores_list, order_list = scores.tolist(), order.tolist()
+    return [
+        [(tuple(tokens[b][i][: lengths[b][i]]), scores_list[b][i]) for i in order_list[b] if alive[b][i]]
+        for b in range(len(alive))
+    ]

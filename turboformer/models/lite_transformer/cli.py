@@ -15,6 +15,7 @@ import torch
 from turboformer.models.lite_transformer.translate import LiteTransformerTranslator, TranslateOptions
 
 _DEFAULTS = TranslateOptions()
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -49,6 +50,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument("--tokenizer", choices=["none", "moses"], default="none", help="Moses (de)tokenisation")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", *DTYPES],
+        default="auto",
+        help="model dtype on CUDA (auto: float16 on CUDA, float32 on CPU, the only CPU choice)",
+    )
+    parser.add_argument(
+        "--quantize", choices=["none", "int8"], default="none", help="CUDA only: weight-only int8 decoder linears"
+    )
     parser.set_defaults(func=main)
     return parser
 
@@ -65,9 +75,21 @@ def main(args: argparse.Namespace) -> int:
             nbest=args.nbest,
             batch_size=args.batch_size,
         )
+        device = torch.device(args.device)
+        if args.dtype == "auto":
+            dtype = torch.float16 if device.type == "cuda" else torch.float32
+        else:
+            dtype = DTYPES[args.dtype]
+        quantize = None if args.quantize == "none" else args.quantize
+        if device.type != "cuda" and (dtype != torch.float32 or quantize is not None):
+            raise ValueError(f"--dtype {args.dtype} and --quantize {args.quantize} need --device cuda (CPU: float32)")
         sentences = args.sentences or [line.rstrip("\r\n") for line in sys.stdin]
         translator = LiteTransformerTranslator.from_dir(
-            args.model, device=torch.device(args.device), tokenizer=None if args.tokenizer == "none" else args.tokenizer
+            args.model,
+            device=device,
+            dtype=dtype,
+            tokenizer=None if args.tokenizer == "none" else args.tokenizer,
+            quantize=quantize,
         )
         translations = translator.translate(sentences, options)
     except ValueError as error:  # our CheckpointError, ConfigError, TranslateError, ... are ValueErrors

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from turboformer.models.lite_transformer.engine import QUANTIZE, EngineOptions, LiteTransformerEngine
 from turboformer.models.lite_transformer.generate import BeamSearch, BeamSearchOptions, Hypothesis, SpecialTokens
 from turboformer.models.lite_transformer.load import CHECKPOINT_NAME, LoadedModel, load_model_dir
 from turboformer.models.lite_transformer.model import DecoderCache, LiteTransformer
@@ -144,7 +145,13 @@ class _CachedDecoder:
 
 
 class LiteTransformerTranslator:
-    """A loaded model with its dictionaries and text processing; stateless between calls."""
+    """A loaded model with its dictionaries and text processing; stateless between calls.
+
+    On CPU, the reference path (the model's modules and :class:`.generate.BeamSearch`; ``dtype`` other than
+    float32 there only simulates reduced precision, as ``turboformer eval`` does). On CUDA, the
+    :class:`.engine.LiteTransformerEngine` (CUDA-graphed steps, device-side beam search) in ``dtype``
+    (float16, bfloat16 or float32) with optional ``quantize="int8"`` weight-only decoder linears;
+    ``engine=False`` keeps the reference path on CUDA (fp32 eager baseline)."""
 
     def __init__(
         self,
@@ -152,13 +159,29 @@ class LiteTransformerTranslator:
         text: TextProcessor,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
+        quantize: str | None = None,
+        engine: bool | None = None,
+        engine_options: EngineOptions | None = None,
     ) -> None:
-        self.model = loaded.model.to(device=device, dtype=dtype).eval()
+        self.device = torch.device(device)
+        if quantize not in QUANTIZE:
+            raise TranslateError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
+        use_engine = self.device.type == "cuda" if engine is None else engine
+        if self.device.type != "cuda" and quantize is not None:
+            raise TranslateError(f"quantize={quantize!r} needs a CUDA device (got {self.device})")
+        if not use_engine and quantize is not None:
+            raise TranslateError("quantize needs the engine (engine=False runs the reference path)")
         self.src_dict, self.tgt_dict = loaded.src_dict, loaded.tgt_dict
         self.text = text
-        self.device = torch.device(device)
         d = self.tgt_dict
         self.special = SpecialTokens(eos=d.eos, pad=d.pad, unk=d.unk, start=d.eos)
+        self.engine: LiteTransformerEngine | None = None
+        if use_engine:
+            options = engine_options or EngineOptions(dtype=dtype, quantize=quantize)
+            self.engine = LiteTransformerEngine(loaded.model, self.special, options, self.device)
+            self.model = self.engine.model
+        else:
+            self.model = loaded.model.to(device=self.device, dtype=dtype).eval()
 
     @classmethod
     def from_dir(
@@ -168,12 +191,14 @@ class LiteTransformerTranslator:
         dtype: torch.dtype = torch.float32,
         tokenizer: str | None = None,
         checkpoint: str = CHECKPOINT_NAME,
+        quantize: str | None = None,
+        engine: bool | None = None,
     ) -> LiteTransformerTranslator:
         """Load ``model_dir`` (checkpoint, dictionaries, optional BPE model); ``tokenizer="moses"`` adds Moses
-        tokenisation for the checkpoint's source/target languages."""
+        tokenisation for the checkpoint's source/target languages. See the class for device/dtype/quantize."""
         loaded = load_model_dir(model_dir, checkpoint)
         text = TextProcessor(model_dir, tokenizer, loaded.args.source_lang, loaded.args.target_lang)
-        return cls(loaded, text, device, dtype)
+        return cls(loaded, text, device, dtype, quantize, engine)
 
     @torch.inference_mode()
     def generate(self, src_tokens: Tensor, options: TranslateOptions = TranslateOptions()) -> list[list[Hypothesis]]:
@@ -181,6 +206,8 @@ class LiteTransformerTranslator:
         src_tokens = src_tokens.to(self.device)
         B, S = src_tokens.shape
         max_len = min(int(options.max_len_a * S + options.max_len_b), self.model.decoder.max_positions - 1)
+        if self.engine is not None:
+            return self.engine.generate(src_tokens, options.search_options(), max_len)
         encoder_out = self.model.encoder(src_tokens)
         beam_rows = torch.arange(B, device=self.device).repeat_interleave(options.beam)  # sentence b -> beam rows
         cache = self.model.decoder.new_cache(encoder_out.index_select(beam_rows), max_len + 1)

@@ -6,7 +6,12 @@
     masks = predictor.predict(point_coords=np.array([[500, 375]]), point_labels=np.array([1])).masks
 """
 
-from .automatic import AutomaticMaskOptions, GeneratedMask, SamAutomaticMaskGenerator, box_nms
+from .automatic import (
+    AutomaticMaskOptions,
+    GeneratedMask,
+    SamAutomaticMaskGenerator,
+    box_nms,
+)
 from .config import SAM_CONFIGS, SamConfig, config_name
 from .errors import SamCheckpointError, SamInputError
 from .load import detect_config, load_sam

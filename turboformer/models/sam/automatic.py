@@ -17,6 +17,8 @@ from itertools import product
 import numpy as np
 import torch
 
+from turboformer.runtime.cuda_graphs import DEFAULT_BUCKETS
+
 from .errors import SamInputError
 from .predictor import SamPredictor
 from .sam import Sam
@@ -181,8 +183,14 @@ class _Candidates:
 class SamAutomaticMaskGenerator:
     """Generate masks for everything in an image with a point grid (see the module docstring)."""
 
-    def __init__(self, model: Sam, options: AutomaticMaskOptions = AutomaticMaskOptions()) -> None:
-        self.predictor = SamPredictor(model)
+    def __init__(
+        self, model: Sam, options: AutomaticMaskOptions = AutomaticMaskOptions(), cuda_graphs: bool | None = None
+    ) -> None:
+        """``cuda_graphs``: decode the point batches with the graphed engine (default: on CUDA), captured
+        for batch buckets up to ``points_per_batch`` (the last, partial batch of a grid pads to a bucket)."""
+        batch = options.points_per_batch
+        buckets = tuple(b for b in DEFAULT_BUCKETS if b < batch) + (batch,)
+        self.predictor = SamPredictor(model, cuda_graphs=cuda_graphs, decoder_buckets=buckets)
         self.options = options
         self.point_grids = [  # [P, 2] in [0, 1]^2 per crop layer
             point_grid(int(options.points_per_side / options.crop_n_points_downscale_factor**layer))

@@ -3,6 +3,11 @@
     turboformer segment photo.jpg --model sam_vit_b.pth --point 500,375 --label 1 -o mask.png
     turboformer segment photo.jpg --model sam_vit_b.pth --box 100,80,620,500 --point 300,200 --label 0
     turboformer segment photo.jpg --model sam_vit_b.pth --everything -o masks.png
+    turboformer segment photo.jpg --model sam_vit_h.pth --point 500,375 --dtype bfloat16 --quantize int8
+
+On CUDA the model runs in bfloat16 by default (``--dtype float32`` for the parity path), the prompt
+decoder as CUDA graphs; ``--quantize int8`` makes the image encoder's linear layers weight-only INT8.
+Both are GPU options: on the CPU the model runs in float32 and asking for either is an error.
 
 With prompts, ``-o`` gets the mask (white on black; with ``--multimask`` the one of the three with the
 highest predicted IoU). With ``--everything``, ``-o`` gets a label image: pixel value k > 0 is mask k
@@ -26,6 +31,7 @@ from .errors import SamCheckpointError, SamInputError, first_line
 from .load import load_sam
 from .predictor import SamPredictor
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MASK_COLOR = (30, 144, 255)  # overlay colour of a prompted mask (upstream notebooks' blue)
 POSITIVE_COLOR, NEGATIVE_COLOR, BOX_COLOR = (0, 200, 0), (220, 0, 0), (0, 200, 0)
 OVERLAY_ALPHA = 0.5  # weight of the mask colour in the overlay
@@ -55,6 +61,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("-o", "--output", default="mask.png", help="mask PNG to write (default mask.png)")
     parser.add_argument("--overlay", help="overlay PNG to write (default <output>_overlay.png)")
     parser.add_argument("--device", help="torch device (default cuda if available, else cpu)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES),
+                        help="model precision on CUDA (default bfloat16 on CUDA, float32 on the CPU)")
+    parser.add_argument("--quantize", choices=["int8"],
+                        help="weight-only INT8 for the image encoder's linear layers (CUDA only)")
     parser.set_defaults(func=main)
     return parser
 
@@ -104,14 +114,24 @@ def _run(args: argparse.Namespace) -> None:
     if not args.everything and not len(points) and box is None:
         raise SamInputError("empty prompt: give --point X,Y (with --label), --box X0,Y0,X1,Y1, or --everything")
 
-    image = _read_image(args.image)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_sam(args.model, device=device)
+    on_cuda = torch.device(device).type == "cuda"
+    if not on_cuda and args.dtype not in (None, "float32"):
+        raise SamInputError(f"--dtype {args.dtype} is a GPU option: use --device cuda, or float32 on {device}")
+    if not on_cuda and args.quantize:
+        raise SamInputError(f"--quantize {args.quantize} is a GPU option: use --device cuda (got {device})")
+    if on_cuda and not torch.cuda.is_available():
+        raise SamInputError("--device cuda was asked for but no CUDA GPU is available")
+    dtype = DTYPES[args.dtype or ("bfloat16" if on_cuda else "float32")]
+
+    image = _read_image(args.image)
+    model = load_sam(args.model, device=device, dtype=dtype, quantize=args.quantize)
     output = Path(args.output)
     overlay_path = Path(args.overlay) if args.overlay else output.with_name(f"{output.stem}_overlay.png")
     output.parent.mkdir(parents=True, exist_ok=True)
     overlay_path.parent.mkdir(parents=True, exist_ok=True)
-    print(f"model: SAM {config_name(model.config) or 'custom'} on {device}; image {image.shape[1]}x{image.shape[0]}")
+    precision = str(dtype).removeprefix("torch.") + (f" + {args.quantize} encoder" if args.quantize else "")
+    print(f"model: SAM {config_name(model.config) or 'custom'} on {device} ({precision}); image {image.shape[1]}x{image.shape[0]}")
 
     if args.everything:
         options = AutomaticMaskOptions(
@@ -124,7 +144,7 @@ def _run(args: argparse.Namespace) -> None:
         Image.fromarray(label_image).save(output)
         print(f"{len(masks)} masks -> {output}")
     else:
-        predictor = SamPredictor(model)
+        predictor = SamPredictor(model, decoder_buckets=(1,))  # one prompt: capture only bucket 1
         predictor.set_image(image)
         result = predictor.predict(
             point_coords=points if len(points) else None,

@@ -10,11 +10,21 @@ fused kernel (``turboformer/kernels/rel_pos_attention.py``: flash attention with
 per tile) replaces the reference on CUDA.
 """
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from turboformer.kernels.rel_pos_attention import rel_pos_attention
+from turboformer.kernels import utils
+from turboformer.kernels.layer_norm import add_layer_norm, layer_norm
+from turboformer.kernels.rel_pos_attention import (
+    rel_pos_attention,
+    rel_pos_attention_ref,
+    rel_pos_attention_triton,
+)
 
 from .config import SamConfig
 from .layers import FeedForward, LayerNorm2d
@@ -57,12 +67,48 @@ def decomposed_rel_pos(
     return rel_h, rel_w
 
 
+# How the encoder's attention runs (see attention_with_rel_pos); "auto" outside attention_backend().
+ATTENTION_BACKENDS = ("auto", "kernel", "sdpa", "reference")
+_ATTENTION_BACKEND: contextvars.ContextVar[str] = contextvars.ContextVar("sam_attention_backend", default="auto")
+
+
+@contextlib.contextmanager
+def attention_backend(name: str) -> Iterator[None]:
+    """Within this block the encoder's attention runs on ``name``: "kernel" (the fused Triton flash
+    attention, on CUDA or under the Triton interpreter), "sdpa" (torch SDPA with the bias as an explicit
+    ``[BH, N, N]`` additive mask: segment-anything-fast's fallback, a benchmark baseline), "reference"
+    (upstream's fp32 maths) or "auto" (see :func:`attention_with_rel_pos`). Thread/task-local."""
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {name!r}")
+    token = _ATTENTION_BACKEND.set(name)
+    try:
+        yield
+    finally:
+        _ATTENTION_BACKEND.reset(token)
+
+
+def sdpa_with_rel_pos(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor
+) -> torch.Tensor:
+    """The same attention through ``F.scaled_dot_product_attention`` with the decomposed bias expanded to
+    an additive ``[BH, N, N]`` mask in q's dtype (``rel_h [BH, N, H]``, ``rel_w [BH, N, W]``)."""
+    bh, n, _ = q.shape
+    grid_h, grid_w = rel_h.shape[-1], rel_w.shape[-1]
+    bias = (rel_h.reshape(bh, n, grid_h, 1) + rel_w.reshape(bh, n, 1, grid_w)).reshape(bh, n, n)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+
 def attention_with_rel_pos(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor
 ) -> torch.Tensor:
-    """``softmax(q k^T / sqrt(D) + rel_h + rel_w) v`` through the kernel dispatcher
-    :func:`turboformer.kernels.rel_pos_attention.rel_pos_attention`: the fused Triton flash attention on
-    CUDA, upstream's explicit-bias maths in fp32 (the reference) on the CPU or under ``use_reference()``.
+    """``softmax(q k^T / sqrt(D) + rel_h + rel_w) v``.
+
+    "auto" (the default) runs the kernel dispatcher
+    :func:`turboformer.kernels.rel_pos_attention.rel_pos_attention`: the fused Triton flash attention on CUDA
+    once enabled (``TURBOFORMER_UNVERIFIED_KERNELS=1`` until its GPU tests have passed), else, for fp16/bf16
+    CUDA tensors, torch SDPA with an explicit bias mask (never the fp32 reference's ``[BH, N, N]`` fp32
+    scores at low precision), and upstream's explicit-bias maths in fp32 on the CPU or under
+    ``use_reference()``. :func:`attention_backend` picks one explicitly.
 
     Args:
         q, k, v: ``[BH, N, D]`` with ``N = H * W``.
@@ -74,7 +120,17 @@ def attention_with_rel_pos(
     """
     bh, n, _ = q.shape
     # [BH, H, W, H] -> [BH, N, H]: a view (decomposed_rel_pos returns contiguous terms)
-    return rel_pos_attention(q, k, v, rel_h.reshape(bh, n, -1), rel_w.reshape(bh, n, -1))
+    rel_h, rel_w = rel_h.reshape(bh, n, -1), rel_w.reshape(bh, n, -1)
+    backend = _ATTENTION_BACKEND.get()
+    if backend == "auto":
+        if utils.use_unverified_triton(q) or not utils.use_triton(q) or q.dtype == torch.float32:
+            return rel_pos_attention(q, k, v, rel_h, rel_w)
+        backend = "sdpa"  # CUDA fp16/bf16 while the fused kernel is not yet enabled
+    if backend == "kernel":
+        return rel_pos_attention_triton(q, k, v, rel_h, rel_w)
+    if backend == "sdpa":
+        return sdpa_with_rel_pos(q, k, v, rel_h, rel_w)
+    return rel_pos_attention_ref(q, k, v, rel_h, rel_w)
 
 
 class RelPosAttention(nn.Module):
@@ -130,7 +186,13 @@ def window_unpartition(
 
 
 class EncoderBlock(nn.Module):
-    """Pre-norm ViT block; attention runs in ``window x window`` squares, or globally if window is 0."""
+    """Pre-norm ViT block; attention runs in ``window x window`` squares, or globally if window is 0.
+
+    In an fp16/bf16 model the residual stream stays fp32 and only the two branches (attention, MLP) run in
+    the low precision: the LayerNorms read the fp32 stream and write their output in the branch dtype, and
+    the first residual add is fused with the second LayerNorm (``add_layer_norm``, Triton on CUDA). An fp32
+    model runs upstream's ops in upstream's order (the parity path).
+    """
 
     def __init__(self, dim: int, num_heads: int, mlp_dim: int, window: int, grid: int) -> None:
         super().__init__()
@@ -141,18 +203,23 @@ class EncoderBlock(nn.Module):
         self.mlp = FeedForward(dim, mlp_dim, nn.GELU)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: ``[B, H, W, C]`` -> ``[B, H, W, C]``."""
-        shortcut = x
-        x = self.norm1(x)
-        if self.window > 0:
-            h, w = x.shape[1], x.shape[2]
-            x, padded_hw = window_partition(x, self.window)  # [B * nW, win, win, C]
-            x = self.attn(x)
-            x = window_unpartition(x, self.window, padded_hw, (h, w))
-        else:
-            x = self.attn(x)
-        x = shortcut + x
-        return x + self.mlp(self.norm2(x))
+        """``x``: ``[B, H, W, C]`` -> ``[B, H, W, C]`` (fp32 for a low-precision block)."""
+        dtype = self.norm1.weight.dtype
+        if dtype == torch.float32:
+            x = x + self.attend(self.norm1(x))
+            return x + self.mlp(self.norm2(x))
+        h = layer_norm(x, self.norm1.weight, self.norm1.bias, self.norm1.eps, out_dtype=dtype)
+        x, h = add_layer_norm(x, self.attend(h), self.norm2.weight, self.norm2.bias, self.norm2.eps, out_dtype=dtype)
+        return x + self.mlp(h)  # fp32 + branch dtype -> fp32
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        """Windowed or global attention of normalised tokens ``[B, H, W, C]``."""
+        if self.window <= 0:
+            return self.attn(x)
+        h, w = x.shape[1], x.shape[2]
+        x, padded_hw = window_partition(x, self.window)  # [B * nW, win, win, C]
+        x = self.attn(x)
+        return window_unpartition(x, self.window, padded_hw, (h, w))
 
 
 class Neck(nn.Module):
@@ -193,8 +260,11 @@ class ImageEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``[B, 3, S, S]`` -> ``[B, prompt_dim, S / 16, S / 16]``."""
+        dtype = self.pos_embed.dtype
         x = self.patch_embed(x).permute(0, 2, 3, 1)  # [B, 64, 64, C]
         x = x + self.pos_embed
+        if dtype != torch.float32:
+            x = x.float()  # the residual stream of a low-precision encoder (see EncoderBlock)
         for block in self.blocks:
             x = block(x)
-        return self.neck(x.permute(0, 3, 1, 2))  # [B, 256, 64, 64]
+        return self.neck(x.to(dtype).permute(0, 3, 1, 2))  # [B, 256, 64, 64]

@@ -9,7 +9,9 @@ class LayerNorm2d(nn.Module):
     """LayerNorm over the channels of a ``[B, C, H, W]`` map (ConvNeXt, arXiv 2201.03545).
 
     Written out (mean, variance, rsqrt) in the same order as upstream SAM so the fp32 path is bit-exact
-    with it; ``F.layer_norm`` on a permuted view computes the same maths in another order.
+    with it; ``F.layer_norm`` on a permuted view computes the same maths in another order. fp16/bf16
+    inputs are normalised in fp32 (statistics over up to 256 channels lose digits in 8 mantissa bits)
+    and the result cast back.
     """
 
     def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
@@ -20,10 +22,15 @@ class LayerNorm2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``[B, C, H, W]`` -> ``[B, C, H, W]``."""
+        if x.dtype != torch.float32:
+            return self._normalize(x.float()).to(x.dtype)
+        return self._normalize(x)
+
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         mean = x.mean(1, keepdim=True)  # [B, 1, H, W]
         var = (x - mean).pow(2).mean(1, keepdim=True)  # biased variance, [B, 1, H, W]
         x = (x - mean) / torch.sqrt(var + self.eps)
-        return self.weight[:, None, None] * x + self.bias[:, None, None]
+        return self.weight[:, None, None].to(x.dtype) * x + self.bias[:, None, None].to(x.dtype)
 
 
 class FeedForward(nn.Module):

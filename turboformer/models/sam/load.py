@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .config import SamConfig, config_name
+from .engine import prepare_sam
 from .errors import SamCheckpointError, first_line
 from .sam import Sam, build_sam
 
@@ -237,8 +238,13 @@ def load_sam(
     checkpoint: str | Path | Mapping[str, torch.Tensor],
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    quantize: str | None = None,
+    decoder_dtype: torch.dtype | None = None,
 ) -> Sam:
-    """Build a :class:`Sam` of the size found in ``checkpoint`` (a path or an upstream state dict).
+    """Build a :class:`Sam` of the size found in ``checkpoint`` (a path or an upstream state dict), on
+    ``device`` in ``dtype`` (float32, float16 or bfloat16); ``quantize="int8"`` makes the image encoder's
+    linear layers weight-only INT8; ``decoder_dtype`` is the prompt encoder's and mask decoder's (default
+    ``dtype``, but float16 for a bfloat16 model; see :func:`.engine.prepare_sam`).
 
     The model takes over the checkpoint's tensors where no copy is needed (``assign=True``), so a
     state dict passed in shares storage with the returned model.
@@ -263,7 +269,5 @@ def load_sam(
                 f"for a {config_name(config) or 'custom'} SAM"
             )
     model.load_state_dict(converted, assign=True)
-    model = model.to(device=device, dtype=dtype)
-    model.prompt_encoder.pe.gaussian = converted["prompt_encoder.pe.gaussian"].to(device, torch.float32)
-    return model.eval()
+    return prepare_sam(model, device, dtype, quantize, decoder_dtype)
 

@@ -66,6 +66,14 @@ class MaskDecoder(nn.Module):
             low-resolution mask logits ``[B, M, 256, 256]`` and IoU predictions ``[B, M]``, with
             ``M`` = 3 if ``multimask_output`` else 1.
         """
+        masks, iou_pred = self.predict_all(image_embedding, image_pe, sparse, dense)
+        return select_outputs(masks, iou_pred, multimask_output)
+
+    def predict_all(
+        self, image_embedding: torch.Tensor, image_pe: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """All ``1 + num_multimask_outputs`` masks ``[B, 4, 256, 256]`` and IoU predictions ``[B, 4]``
+        (arguments as :meth:`forward`); the graphed engine captures this and selects afterwards."""
         batch = sparse.shape[0]
         tokens = torch.cat([self.output_tokens.unsqueeze(0).expand(batch, -1, -1), sparse], dim=1)
         src = image_embedding + dense  # [B, C, 64, 64]
@@ -79,8 +87,15 @@ class MaskDecoder(nn.Module):
         upscaled = self.upscale(src.transpose(1, 2).view(b, c, h, w))  # [B, C / 8, 256, 256]
         hyper_in = torch.stack([mlp(mask_tokens[:, i, :]) for i, mlp in enumerate(self.hypernet_mlps)], dim=1)
         b, c, h, w = upscaled.shape
-        masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)  # [B, 4, 256, 256]
-        iou_pred = self.iou_head(iou_token)  # [B, 4]
+        # The logits are thresholded at 0: in fp16/bf16 this 32-term product runs in fp32 and returns fp32
+        # logits, so no output rounding (2^-9 relative in bf16) moves pixels across the threshold.
+        masks = (hyper_in.float() @ upscaled.view(b, c, h * w).float()).view(b, -1, h, w)  # [B, 4, 256, 256]
+        return masks, self.iou_head(iou_token).float()  # [B, 4, 256, 256], [B, 4]
 
-        selected = slice(1, None) if multimask_output else slice(0, 1)
-        return masks[:, selected], iou_pred[:, selected]
+
+def select_outputs(
+    masks: torch.Tensor, iou_pred: torch.Tensor, multimask_output: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask 0 (single-mask output) or masks 1..3 (multimask) of ``[B, 4, ...]`` logits and ``[B, 4]`` IoUs."""
+    selected = slice(1, None) if multimask_output else slice(0, 1)
+    return masks[:, selected], iou_pred[:, selected]

@@ -9,6 +9,10 @@
 to prompt. ``predict`` takes one prompt in original-image pixels and returns numpy arrays;
 ``predict_torch`` takes a batch of prompts already in the model's 1024 frame (see ``scale_coords``)
 and returns tensors.
+
+On CUDA the prompts go through :class:`.engine.PromptDecoderEngine`: prompt batches padded to buckets
+and replayed as CUDA graphs (``cuda_graphs=False`` keeps the eager model). Logits and IoU predictions
+are returned in float32 whatever the model's dtype.
 """
 
 from collections.abc import Sequence
@@ -17,7 +21,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from turboformer.runtime.cuda_graphs import DEFAULT_BUCKETS
+
+from .engine import PromptDecoderEngine
 from .errors import SamInputError
+from .mask_decoder import select_outputs
 from .sam import Sam
 from .transforms import (
     check_image,
@@ -57,10 +65,16 @@ class SamPrediction:
 class SamPredictor:
     """Embed images with a :class:`Sam` model and predict masks from point, box and mask prompts."""
 
-    def __init__(self, model: Sam) -> None:
+    def __init__(
+        self, model: Sam, cuda_graphs: bool | None = None, decoder_buckets: tuple[int, ...] = DEFAULT_BUCKETS
+    ) -> None:
+        """``cuda_graphs``: decode prompts with the graphed engine (default: when the model is on CUDA);
+        ``decoder_buckets``: the prompt batch sizes it captures (larger batches run in chunks)."""
         self.model = model
         self.image_size = model.config.image_size
         self.images: list[EncodedImage] = []
+        use_engine = model.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self.decoder = PromptDecoderEngine(model, decoder_buckets, cuda_graphs=True) if use_engine else None
 
     def reset_image(self) -> None:
         """Forget the embedded images."""
@@ -179,9 +193,14 @@ class SamPredictor:
         _check_prompt_batch(point_coords, point_labels, boxes, mask_input, self.model.config.low_res_mask_size)
         if mask_input is not None:
             mask_input = mask_input.to(self.model.dtype)
-        low_res, iou = self.model(
-            encoded.embedding, point_coords, point_labels, boxes, mask_input, multimask_output
-        )
+        if self.decoder is not None:
+            all_masks = self.decoder.decode(encoded.embedding, point_coords, point_labels, boxes, mask_input)
+            low_res, iou = select_outputs(*all_masks, multimask_output)
+        else:
+            low_res, iou = self.model(
+                encoded.embedding, point_coords, point_labels, boxes, mask_input, multimask_output
+            )
+        low_res, iou = low_res.float(), iou.float()  # no-ops for an fp32 model
         masks = postprocess_masks(low_res, encoded.input_size, encoded.original_size, self.image_size)
         if not return_logits:
             masks = masks > self.model.mask_threshold

@@ -140,7 +140,7 @@ class MaskDownscaler(nn.Module):
         self.act = nn.GELU()
 
     def forward(self, masks: torch.Tensor) -> torch.Tensor:
-        """``masks``: ``[B, 1, 4h, 4w]`` -> ``[B, C, h, w]``."""
-        x = self.act(self.norm1(self.conv1(masks)))
+        """``masks``: ``[B, 1, 4h, 4w]`` logits (any float dtype) -> ``[B, C, h, w]`` in the layers' dtype."""
+        x = self.act(self.norm1(self.conv1(masks.to(self.conv1.weight.dtype))))
         x = self.act(self.norm2(self.conv2(x)))
         return self.conv3(x)

@@ -39,12 +39,19 @@ class Sam(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
+        """The prompt encoder's and mask decoder's dtype (that of prompt tensors and image embeddings)."""
         return self.prompt_encoder.label_embed.dtype
+
+    @property
+    def encoder_dtype(self) -> torch.dtype:
+        """The image encoder's activation dtype (may differ from :attr:`dtype`, see ``engine.prepare_sam``)."""
+        return self.image_encoder.pos_embed.dtype
 
     @torch.no_grad()
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """``images``: ``[B, 3, 1024, 1024]`` normalised and padded -> embeddings ``[B, 256, 64, 64]``."""
-        return self.image_encoder(images.to(self.dtype))
+        """``images``: ``[B, 3, 1024, 1024]`` normalised and padded -> embeddings ``[B, 256, 64, 64]``
+        in the decoder's dtype."""
+        return self.image_encoder(images.to(self.encoder_dtype)).to(self.dtype)
 
     @torch.no_grad()
     def forward(

@@ -10,6 +10,7 @@ width (``attention_downsample_rate``) to save compute over the 4096 image tokens
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import SamConfig
@@ -17,7 +18,15 @@ from .layers import FeedForward
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``softmax(q k^T / sqrt(D)) v`` on ``[B, heads, N, D]`` tensors (the fused kernel's reference)."""
+    """``softmax(q k^T / sqrt(D)) v`` on ``[B, heads, N, D]`` tensors.
+
+    fp32 runs upstream's explicit maths op for op (the parity path). fp16/bf16 runs PyTorch's fused
+    scaled-dot-product attention (flash / memory-efficient kernels on CUDA): the same maths with the
+    softmax in fp32 and no ``[B, heads, Nq, Nk]`` score tensor in memory, which matters for the
+    image-to-token attention (4096 queries per prompt) at a batch of 64 prompts.
+    """
+    if q.dtype != torch.float32:
+        return F.scaled_dot_product_attention(q, k, v)
     attn = q @ k.permute(0, 1, 3, 2)  # [B, heads, Nq, Nk]
     attn = torch.softmax(attn / math.sqrt(q.shape[-1]), dim=-1)
     return attn @ v

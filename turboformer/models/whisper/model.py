@@ -33,11 +33,12 @@ def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> tor
 
 
 class LayerNorm(nn.LayerNorm):
-    """LayerNorm whose statistics are always computed in fp32, whatever the activations' dtype."""
+    """LayerNorm whose statistics are always computed in fp32, whatever the activations' dtype; the output is in
+    the layer's own (compute) dtype, so an fp32 residual stream feeds fp16/bf16 sub-layers."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps).to(
-            x.dtype
+            self.weight.dtype
         )
 
 
@@ -177,10 +178,12 @@ class AudioEncoder(nn.Module):
         x = F.gelu(self.conv2(x)).transpose(1, 2)  # [B, 1500, C]
         if x.shape[1] != self.positional_embedding.shape[0]:
             raise ValueError(f"the encoder takes 3000 mel frames (30 s); got {mel.shape[-1]}")
-        x = x + self.positional_embedding.to(x.dtype)
+        # The residual stream stays fp32 whatever the weights' dtype (each block adds its fp16/bf16 output to it):
+        # in bf16 (8-bit mantissa) a rounded stream changed a word of a real tiny.en transcript.
+        x = x.float() + self.positional_embedding.float()
         for block in self.blocks:
             x = block(x)
-        return self.ln_post(x)
+        return self.ln_post(x)  # [B, 1500, C] in the weights' dtype
 
 
 class TextDecoder(nn.Module):

@@ -1,0 +1,210 @@
+"""fairseq's beam search (:class:`.generate.BeamSearch`) with all of its per-step bookkeeping on the device.
+
+:class:`.generate.BeamSearch` stays the reference: it finalises hypotheses in Python lists and asks the host
+"is every sentence done?" after every step, two host syncs per token. :class:`BeamSearchState` keeps the same
+decisions in static tensors so that ``advance`` (one step) launches only device work, never syncs, and can be
+captured in a CUDA graph together with the decoder step; the host reads the results once, at the end.
+
+The step is the reference's, written with static shapes (``B`` sentences x ``k`` beams = ``N`` rows, ``V``
+symbols, ``T`` = the largest max_len):
+
+* the step counter, ``max_len`` and ``min_len`` are device scalars, so the ``step == 0`` / ``min_len`` /
+  ``max_len`` cases are ``torch.where`` masks, not Python branches;
+* step 0 ("only the first beam counts") is a previous score of 0 for beam 0 and -inf for the others: the same
+  top-``2k`` candidates as the reference's slice, as long as beam 0 has ``2k`` finite candidates (``V - 2 >= 2k``;
+  :class:`BeamSearchState` checks ``V - 1 >= 2k``, so the candidate count is the reference's ``2k`` at every step);
+* finishing ("a </s> candidate among the top k ends a hypothesis, in candidate order, while the sentence has
+  fewer than k finished ones") is a cumulative count along the candidates; accepted hypotheses are scattered
+  into slot ``n_finished + rank`` of static per-sentence buffers (rejected ones into a spare slot ``k``);
+* a done sentence keeps decoding (its rows are ignored), as in the reference, which only stops early when all
+  are done: ``finished_all`` is the one host sync, for the caller to poll every few steps;
+* the normalisation ``score / len ** lenpen`` and the positional scores are computed at the end, with the
+  reference's float32 arithmetic, from the stored cumulative scores.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from turboformer.models.lite_transformer.generate import (
+    BeamSearchOptions,
+    GenerationError,
+    Hypothesis,
+    IncrementalDecoder,
+    SpecialTokens,
+)
+
+NEG_INF = float("-inf")
+
+
+class BeamSearchState:
+    """Static device buffers and the graph-safe step of one beam search over ``batch_size`` sentences.
+
+    Row ``b * k + j`` is beam j of sentence b. ``reset(max_len)`` (eager) starts a search of at most
+    ``max_len <= max_len_capacity`` tokens before the forced </s>; each ``advance(lprobs)`` is one step and leaves
+    the decoder's next input in ``next_tokens`` [N] and the rows to continue in ``reorder_rows`` [N].
+    """
+
+    def __init__(
+        self,
+        options: BeamSearchOptions,
+        special: SpecialTokens,
+        batch_size: int,
+        vocab_size: int,
+        max_len_capacity: int,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        k = options.beam_size
+        if 2 * k > vocab_size - 1:
+            raise GenerationError(
+                f"the device beam search needs 2 x beam_size ({2 * k}) < vocabulary size ({vocab_size})"
+            )
+        self.options, self.special = options, special
+        self.B, self.k, self.N, self.V, self.T = batch_size, k, batch_size * k, vocab_size, max_len_capacity
+        self.device = torch.device(device)
+        B, N, T, dev = self.B, self.N, self.T, self.device
+        long = dict(dtype=torch.long, device=dev)
+        f32 = dict(dtype=torch.float32, device=dev)
+        self.step = torch.zeros((), **long)  # tokens decoded so far (the reference's loop variable)
+        self.max_len = torch.zeros((), **long)
+        self.min_len = torch.full((), options.min_len, **long)
+        self.unk_penalty = torch.full((), options.unk_penalty, **f32)
+        self.offsets = torch.arange(B, device=dev)[:, None] * k  # [B, 1] first row of each sentence
+        self.candidate_order = torch.arange(2 * k, device=dev)  # [2k]
+        self.tokens = torch.zeros(N, T + 2, **long)  # start token + generated ids
+        self.scores = torch.zeros(N, T + 1, **f32)  # cumulative log-probabilities per step
+        self.prev_scores = torch.zeros(N, **f32)  # score of each row after the previous step
+        self.next_tokens = torch.zeros(N, **long)  # the decoder's next input
+        self.reorder_rows = torch.arange(N, device=dev)  # row i continues row reorder_rows[i]
+        # finished hypotheses: slot k of each sentence is a spare that receives the rejected candidates
+        self.n_finished = torch.zeros(B, **long)
+        self.fin_tokens = torch.zeros(B * (k + 1), T + 1, **long)  # generated ids, </s> at column fin_step
+        self.fin_cumulative = torch.zeros(B * (k + 1), T + 1, **f32)  # cumulative scores up to fin_step
+        self.fin_step = torch.zeros(B * (k + 1), **long)
+        self.fin_order = torch.arange(B * (k + 1), device=dev).view(B, k + 1)  # flat slot of (sentence, slot)
+
+    def reset(self, max_len: int) -> None:
+        """Start a new search (eager, before the first ``advance``)."""
+        if not 0 <= max_len <= self.T:
+            raise GenerationError(f"max_len {max_len} must be in [0, {self.T}] (this search's capacity)")
+        self.step.zero_()
+        self.max_len.fill_(max_len)
+        self.tokens.fill_(self.special.pad)
+        self.tokens[:, 0] = self.special.start
+        self.scores.zero_()
+        first_beam = torch.zeros(self.k, device=self.device)
+        first_beam[1:] = NEG_INF  # step 0: all beams are the same hypothesis, only beam 0's candidates count
+        self.prev_scores.copy_(first_beam.repeat(self.B))
+        self.next_tokens.fill_(self.special.start)
+        self.reorder_rows.copy_(torch.arange(self.N, device=self.device))
+        self.n_finished.zero_()
+        self.fin_step.zero_()
+
+    def advance(self, lprobs: Tensor) -> None:
+        """One step from the next-token log-probabilities ``lprobs`` [N, V] (float32, modified in place).
+
+        Device work only: no host sync, no data-dependent shapes (CUDA-graph safe)."""
+        sp, k, B, V = self.special, self.k, self.B, self.V
+        step = self.step
+        last = step >= self.max_len  # 0-d bool: only </s> may follow
+        lprobs[:, sp.pad] = NEG_INF
+        lprobs[:, sp.unk] -= self.unk_penalty
+        eos = lprobs[:, sp.eos].clone()
+        eos = torch.where(~last & (step < self.min_len), NEG_INF, eos)
+        lprobs.masked_fill_(last, NEG_INF)
+        lprobs[:, sp.eos] = eos
+
+        flat = (lprobs.view(B, k, V) + self.prev_scores.view(B, k, 1)).view(B, k * V)
+        cand_scores, cand_flat = flat.topk(2 * k)  # [B, 2k]
+        cand_tokens = cand_flat % V
+        cand_rows = cand_flat // V + self.offsets
+        cand_eos = cand_tokens.eq(sp.eos)
+
+        # finish </s> candidates among the top k, in candidate order, while the sentence has < k finished
+        done = self.n_finished >= k  # [B]
+        finishing = cand_eos[:, :k] & ~done[:, None] & (cand_scores[:, :k] > NEG_INF) & (step <= self.max_len)
+        rank = finishing.long().cumsum(dim=1)  # 1, 2, ... along the finishing candidates
+        accept = finishing & (self.n_finished[:, None] + rank <= k)
+        slot = torch.where(accept, self.n_finished[:, None] + rank - 1, k)  # [B, k]; k = the spare slot
+        where = self.fin_order.gather(1, slot).view(-1)  # [B k] flat slots
+        rows = cand_rows[:, :k].reshape(-1)
+        step1 = step.view(1)
+        hyp_tokens = self.tokens.index_select(0, rows)[:, 1:]  # [B k, T + 1]
+        hyp_tokens.index_fill_(1, step1, sp.eos)
+        hyp_cumulative = self.scores.index_select(0, rows)
+        hyp_cumulative.index_copy_(1, step1, cand_scores[:, :k].reshape(-1, 1))
+        self.fin_tokens.index_copy_(0, where, hyp_tokens)
+        self.fin_cumulative.index_copy_(0, where, hyp_cumulative)
+        self.fin_step.index_copy_(0, where, step.expand(B * k))
+        self.n_finished += accept.sum(dim=1)
+
+        # continue with the k best candidates that do not end: </s> ones sort after all others
+        order = cand_eos.long() * (2 * k) + self.candidate_order
+        active = order.topk(k, dim=1, largest=False).indices  # [B, k]
+        rows = cand_rows.gather(1, active).view(-1)  # [N]
+        chosen_tokens = cand_tokens.gather(1, active).view(-1)
+        chosen_scores = cand_scores.gather(1, active).view(-1)
+        self.tokens.copy_(self.tokens.index_select(0, rows))
+        self.tokens.index_copy_(1, step1 + 1, chosen_tokens[:, None])
+        self.scores.copy_(self.scores.index_select(0, rows))
+        self.scores.index_copy_(1, step1, chosen_scores[:, None])
+        self.prev_scores.copy_(chosen_scores)
+        self.next_tokens.copy_(chosen_tokens)
+        self.reorder_rows.copy_(rows)
+        self.step += 1
+
+    def finished_all(self) -> bool:
+        """Whether every sentence has k finished hypotheses (a host sync)."""
+        return bool((self.n_finished >= self.k).all())
+
+    def hypotheses(self, batch_size: int | None = None) -> list[list[Hypothesis]]:
+        """The ``nbest`` finished hypotheses of the first ``batch_size`` sentences, best first (one host copy)."""
+        B, k = self.B if batch_size is None else batch_size, self.k
+        counts = self.n_finished[:B].tolist()
+        steps = self.fin_step.tolist()
+        tokens = self.fin_tokens.cpu()
+        cumulative = self.fin_cumulative.cpu()
+        lenpen, normalize = self.options.lenpen, self.options.normalize_scores
+        out = []
+        for b in range(B):
+            sentence = []
+            for slot in range(counts[b]):
+                i = b * (k + 1) + slot
+                step = steps[i]
+                positional = cumulative[i, : step + 1].clone()
+                eos_score = positional[step].clone()  # float32, as the reference's tensor
+                positional[1:] = positional[1:] - positional[:-1]  # cumulative -> per token
+                if normalize:
+                    eos_score = eos_score / (step + 1) ** lenpen
+                sentence.append(
+                    Hypothesis(tuple(tokens[i, : step + 1].tolist()), float(eos_score), tuple(positional.tolist()))
+                )
+            out.append(sorted(sentence, key=lambda h: h.score, reverse=True)[: self.options.nbest])
+        return out
+
+
+def device_beam_search(
+    decoder: IncrementalDecoder,
+    options: BeamSearchOptions,
+    special: SpecialTokens,
+    batch_size: int,
+    max_len: int,
+    vocab_size: int,
+    device: torch.device | str = "cpu",
+    check_every: int = 8,
+) -> list[list[Hypothesis]]:
+    """:class:`.generate.BeamSearch` through :class:`BeamSearchState`, eagerly over any incremental decoder (the
+    engine runs the same ``advance`` inside its CUDA graph). Checks "all done" every ``check_every`` steps."""
+    if max_len < 0:
+        raise GenerationError(f"max_len must be >= 0, got {max_len}")
+    state = BeamSearchState(options, special, batch_size, vocab_size, max_len, device)
+    state.reset(max_len)
+    history = state.tokens  # the decoder may read the last column only
+    for step in range(max_len + 1):
+        lprobs = decoder.log_probs(history[:, : step + 1]).to(torch.float32, copy=True)
+        state.advance(lprobs)
+        decoder.reorder(state.reorder_rows)
+        if (step + 1) % check_every == 0 and state.finished_all():
+            break
+    return state.hypotheses()

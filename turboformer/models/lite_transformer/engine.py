@@ -1,0 +1,449 @@
+"""GPU decode engine for Lite Transformer: fp16/bf16 (optional INT8 weight-only) decoder weights, static caches,
+and one CUDA graph per shape bucket that holds a whole beam-search step.
+
+Measured with the eager model, a decode step costs ~5 ms at any batch, beam or dtype: Python, ~400 kernel launches
+and two host syncs of the beam search. A graph replay launches the same work with no Python and no sync, so the
+step here is written for capture: every input lives in a static buffer, every position-dependent choice is a
+device tensor, and the beam bookkeeping is :class:`.device_search.BeamSearchState`.
+
+One replayed step (N = sentences x beam rows; shapes for the WMT En-De size: C = 496, two branches of 248)::
+
+    x = sqrt(C) * embed[next_tokens] + positions[pad + 1 + step]                  [N, C]
+    per layer (post-norm as in the paper, pre-norm also handled):
+      u = x @ W_in^T + b_in      one GEMM: block-diagonal [q; k; v | linear1] over the branch channels
+      attention branch: kv_cache_write(k, v at column step); decode_attention(q, cache[:step + 1])
+      convolution branch: GLU(u_conv); taps = weight_linear(.); dynamic_conv_step over the last K inputs
+      x = LayerNorm(x + [attn | conv] @ W_out^T + b_out)   one GEMM (block-diagonal [out_proj | linear2]) + fused LN
+      x = LayerNorm(x + cross_out(decode_attention(cross_q(x), encoder K/V)))
+      x = LayerNorm(x + fc2(act(fc1(x))))
+    log p = log_softmax(x @ E^T) in fp32; BeamSearchState.advance(log p)
+    caches: rows reordered by the chosen beams; convolution windows shifted by one time step
+
+Static decoding state (per graph key ``(beam, sentence bucket, source capacity, target capacity)``):
+
+* self-attention K/V ``[n, 2, N, H, L, D]`` (one tensor per (H, D) shape: one reorder for all layers);
+* convolution windows ``[n_conv, N, K_max, C_max]``: branch i uses ``[:, :K_i, :C_i]``, slot K_i - 1 is the newest
+  input. Each step ends with ``window[:, :, :-1] = window[rows, :, 1:]`` (reorder + shift in one copy), so the
+  kernel is always called with ``position = K - 1`` (slot K - 1 new, tap k reads slot k): no position in the graph.
+  Zeros before the first input reproduce upstream's truncated first steps;
+* encoder-decoder K/V ``[layers, 2, N, H, S, D]`` computed once per batch. Keys are *left-aligned*: a left-padded
+  source row keeps its real keys in columns ``[0, len)``; attention is a sum over keys, so moving them changes
+  nothing but lets ``decode_attention`` mask by length. Beam rows of one sentence share them: never reordered.
+
+Sentence buckets: a batch of B sentences runs in the smallest bucket >= B; the extra sentences copy the last real
+one and are ignored. Rows never interact, so padding cannot change results (tested on CPU).
+
+Where CUDA is absent (CPU tests) or ``cuda_graphs=False``, the same step runs eagerly and the kernels dispatch to
+their PyTorch references.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from turboformer.kernels.decode_attention import decode_attention
+from turboformer.kernels.dynamic_conv import dynamic_conv_step
+from turboformer.kernels.kv_cache_write import kv_cache_write
+from turboformer.kernels.layer_norm import add_layer_norm, layer_norm
+from turboformer.models.lite_transformer.device_search import BeamSearchState
+from turboformer.models.lite_transformer.dynamic_conv import DynamicConv, LightweightConv
+from turboformer.models.lite_transformer.generate import BeamSearchOptions, GenerationError, Hypothesis, SpecialTokens
+from turboformer.models.lite_transformer.model import (
+    ACTIVATIONS,
+    DecoderLayer,
+    LiteTransformer,
+    MultiheadAttention,
+    SinusoidalPositions,
+)
+from turboformer.nn.linear import PackedLinear
+from turboformer.runtime.cuda_graphs import bucket_for
+
+QUANTIZE = (None, "int8")
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    dtype: torch.dtype = torch.float16  # or torch.bfloat16 (torch.float32 for CPU logic tests)
+    quantize: str | None = None  # "int8": weight-only int8 decoder linears
+    int8_group: int | None = 32  # int8 scales per 32 input features (None: per output channel; see quantize_weight)
+    quantize_output: bool = False  # int8 for the vocabulary projection too (it decides the beams: fp16 by default)
+    cuda_graphs: bool = True  # False: run the same step eagerly
+    sentence_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # sentences per batch captured as graphs
+    length_multiple: int = 16  # source / target cache capacities are rounded up to a multiple of this
+    check_every: int = 8  # steps between the host's "all sentences done?" checks (one sync each)
+
+    def __post_init__(self) -> None:
+        if self.quantize not in QUANTIZE:
+            raise ValueError(f"quantize must be one of {QUANTIZE}, got {self.quantize!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be float16, bfloat16 or float32, got {self.dtype}")
+        if not self.sentence_buckets or min(self.sentence_buckets) < 1:
+            raise ValueError(f"sentence_buckets must be positive batch sizes, got {self.sentence_buckets}")
+        if self.int8_group is not None and self.int8_group < 1:
+            raise ValueError(f"int8_group must be >= 1 or None, got {self.int8_group}")
+        if self.length_multiple < 1 or self.check_every < 1:
+            raise ValueError("length_multiple and check_every must be >= 1")
+
+
+def _ln(norm: torch.nn.LayerNorm, dtype: torch.dtype) -> tuple[Tensor, Tensor, float]:
+    return norm.weight.detach().to(dtype).contiguous(), norm.bias.detach().to(dtype).contiguous(), norm.eps
+
+
+def _block_diagonal(blocks: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """[(W_i [out_i, in_i], b_i [out_i])] -> W [sum out, sum in] with W_i on the diagonal, b [sum out] (fp32).
+    Zero blocks add exact zeros to the fp32 accumulation: each output equals its own branch's projection."""
+    rows, cols = sum(w.shape[0] for w, _ in blocks), sum(w.shape[1] for w, _ in blocks)
+    weight = torch.zeros(rows, cols, dtype=torch.float32, device=blocks[0][0].device)
+    bias = torch.zeros(rows, dtype=torch.float32, device=weight.device)
+    r = c = 0
+    for w, b in blocks:
+        weight[r : r + w.shape[0], c : c + w.shape[1]] = w.float()
+        bias[r : r + w.shape[0]] = b.float()
+        r, c = r + w.shape[0], c + w.shape[1]
+    return weight, bias
+
+
+def _linear_or_identity(linear: torch.nn.Linear | None, dim: int, device) -> tuple[Tensor, Tensor]:
+    if linear is None:  # a branch without projections: the identity, exact in any dtype
+        return torch.eye(dim, device=device), torch.zeros(dim, device=device)
+    bias = linear.bias if linear.bias is not None else torch.zeros(linear.out_features, device=device)
+    return linear.weight.detach(), bias.detach()
+
+
+@dataclass
+class _AttentionBranch:
+    in_offset: int  # columns [in_offset, in_offset + 3 d) of the fused in-projection are q, k, v
+    dim: int
+    heads: int
+    group: tuple[int, int]  # (heads, head_dim): the self-attention cache tensor it lives in
+    index: int  # its index in that tensor
+
+
+@dataclass
+class _ConvBranch:
+    in_offset: int  # columns [in_offset, in_offset + (2 d if glu else d)) are linear1's output
+    dim: int
+    heads: int
+    kernel_size: int
+    glu: bool
+    softmax: bool
+    index: int  # its index in the convolution windows tensor
+    weight_linear: PackedLinear | None  # dynamic: taps predicted from the input; None: lightweight
+    fixed_logits: Tensor | None  # lightweight: [1, H, K]
+
+
+@dataclass
+class _Layer:
+    branches: list  # _AttentionBranch | _ConvBranch, in channel order
+    in_proj: PackedLinear  # block-diagonal over the branches
+    out_proj: PackedLinear  # block-diagonal over the branches
+    lsra_norm: tuple
+    cross_q: PackedLinear
+    cross_out: PackedLinear
+    cross_heads: int
+    cross_norm: tuple
+    fc1: PackedLinear
+    fc2: PackedLinear
+    ffn_norm: tuple
+
+
+@dataclass
+class _Slot:
+    """Static buffers, search state and graph of one shape key."""
+
+    sentences: int
+    beam: int
+    source_len: int  # encoder key capacity
+    target_len: int  # decoder positions capacity (>= max_len + 1)
+    state: BeamSearchState
+    self_kv: dict  # (H, D) -> [n, 2, N, H, L, D]
+    conv_windows: Tensor | None  # [n_conv, N, K_max, C_max]
+    cross_kv: Tensor  # [layers, 2, N, H, S, D]
+    cross_lengths: Tensor  # [N] int64, real source tokens of each row
+    positions: Tensor  # [N] int64: the step, per row (kv_cache_write reads one per row)
+    self_lengths: Tensor  # [N] int64: step + 1
+    graph: object = None
+    options: BeamSearchOptions | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class LiteTransformerEngine:
+    """Beam search with the decoder step (and its bookkeeping) captured as CUDA graphs. ``generate`` returns the
+    same :class:`.generate.Hypothesis` lists as the reference :class:`.generate.BeamSearch` path."""
+
+    def __init__(
+        self,
+        model: LiteTransformer,
+        special: SpecialTokens,
+        options: EngineOptions = EngineOptions(),
+        device: str | torch.device = "cuda",
+    ) -> None:
+        started = time.perf_counter()
+        self.options, self.special, self.config = options, special, model.config
+        self.device = torch.device(device)
+        self.dtype = dtype = options.dtype
+        self.model = model.to(device=self.device, dtype=dtype).eval()  # the encoder runs through the module
+        decoder = self.model.decoder
+        self.vocab_size = decoder.embed_tokens.num_embeddings
+        self.padding_idx = decoder.padding_idx
+        self.embed_scale = decoder.embed_scale
+        self.embed = decoder.embed_tokens.weight.detach()  # [V, C]
+        positions = decoder.embed_positions
+        self.position_table = (
+            None
+            if positions is None
+            else (positions.table if isinstance(positions, SinusoidalPositions) else positions.weight).detach()
+        )
+        int8 = options.quantize == "int8"
+        out_weight = decoder.embed_tokens.weight if decoder.output_projection is None else decoder.output_projection.weight
+        self.output = PackedLinear(out_weight.detach(), None, dtype, int8 and options.quantize_output, options.int8_group)
+        self.final_norm = None if decoder.final_norm is None else _ln(decoder.final_norm, dtype)
+        self.pre_norm = self.config.decoder.normalize_before
+        self.activation = ACTIVATIONS[self.config.activation_fn]
+        self.attn_groups: dict[tuple[int, int], int] = {}  # (H, D) -> attention branches in that cache tensor
+        self.conv_kernel_max = self.conv_dim_max = self.n_conv = 0
+        self.layers = [self._convert(layer, dtype, int8) for layer in decoder.layers]
+        self.cross_heads, self.cross_head_dim = self.layers[0].cross_heads, decoder.layers[0].cross_attn.head_dim
+        self.use_graphs = options.cuda_graphs and self.device.type == "cuda"
+        self.slots: dict[tuple[int, int, int, int], _Slot] = {}
+        self.graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self.build_seconds = time.perf_counter() - started
+
+    # ------------------------------------------------------------------ weights --------------------------------
+
+    def _convert(self, layer: DecoderLayer, dtype: torch.dtype, int8: bool) -> _Layer:
+        device, int8_group = self.device, self.options.int8_group
+        in_blocks, out_blocks, branches, offset = [], [], [], 0
+        for module, dim in zip(layer.lsra.branches, layer.lsra.dims):
+            if isinstance(module, MultiheadAttention):
+                qkv = [module.q_proj, module.k_proj, module.v_proj]
+                in_blocks.append((torch.cat([p.weight for p in qkv]).detach(), torch.cat([p.bias for p in qkv]).detach()))
+                out_blocks.append(_linear_or_identity(module.out_proj, dim, device))
+                group = (module.heads, module.head_dim)
+                index = self.attn_groups.get(group, 0)
+                self.attn_groups[group] = index + 1
+                branches.append(_AttentionBranch(offset, dim, module.heads, group, index))
+                offset += 3 * dim
+            else:
+                assert isinstance(module, (DynamicConv, LightweightConv))
+                in_blocks.append(_linear_or_identity(module.linear1, dim, device))
+                out_blocks.append(_linear_or_identity(module.linear2, dim, device))
+                glu = isinstance(module, DynamicConv) and module.glu
+                weight_linear = fixed = None
+                if isinstance(module, DynamicConv):
+                    weight_linear = PackedLinear.of(module.weight_linear, dtype, int8, with_bias=False, group=int8_group)
+                else:
+                    fixed = module.weight.detach().to(dtype).view(1, module.heads, module.kernel_size).contiguous()
+                branches.append(
+                    _ConvBranch(
+                        offset, dim, module.heads, module.kernel_size, glu, module.weight_softmax,
+                        self.n_conv, weight_linear, fixed,
+                    )
+                )  # fmt: skip
+                self.n_conv += 1
+                self.conv_kernel_max = max(self.conv_kernel_max, module.kernel_size)
+                self.conv_dim_max = max(self.conv_dim_max, dim)
+                offset += in_blocks[-1][0].shape[0]
+        in_w, in_b = _block_diagonal(in_blocks)
+        out_w, out_b = _block_diagonal(out_blocks)
+        cross = layer.cross_attn
+        return _Layer(
+            branches=branches,
+            in_proj=PackedLinear(in_w, in_b, dtype, int8, int8_group),
+            out_proj=PackedLinear(out_w, out_b, dtype, int8, int8_group),
+            lsra_norm=_ln(layer.lsra_norm, dtype),
+            cross_q=PackedLinear.of(cross.q_proj, dtype, int8, group=int8_group),
+            cross_out=PackedLinear.of(cross.out_proj, dtype, int8, group=int8_group),
+            cross_heads=cross.heads,
+            cross_norm=_ln(layer.cross_attn_norm, dtype),
+            fc1=PackedLinear.of(layer.ffn.fc1, dtype, int8, group=int8_group),
+            fc2=PackedLinear.of(layer.ffn.fc2, dtype, int8, group=int8_group),
+            ffn_norm=_ln(layer.ffn_norm, dtype),
+        )
+
+    # ------------------------------------------------------------------ the captured step ----------------------
+
+    def _residual(self, x: Tensor, h: Tensor, delta: Tensor, norm: tuple, next_norm: tuple | None):
+        """Post-norm: x = h = LN(x + delta). Pre-norm: x = x + delta, h = next sublayer's LN(x) (``next_norm``;
+        None after the last layer without a final norm). Returns (x, h): the residual stream and the next input."""
+        if not self.pre_norm:
+            y = add_layer_norm(x, delta, norm[0], norm[1], norm[2])[1]
+            return y, y
+        if next_norm is None:
+            x = x + delta
+            return x, x
+        return add_layer_norm(x, delta, next_norm[0], next_norm[1], next_norm[2])
+
+    def _lsra(self, slot: _Slot, i: int, layer: _Layer, h: Tensor) -> Tensor:
+        N = h.shape[0]
+        u = layer.in_proj(h)  # [N, sum of branch in-projections]
+        outs = []
+        for branch in layer.branches:
+            d = branch.dim
+            if isinstance(branch, _AttentionBranch):
+                H, D = branch.group
+                qkv = u[:, branch.in_offset : branch.in_offset + 3 * d]
+                q, k, v = (t.view(N, H, D) for t in qkv.split(d, dim=1))
+                cache = slot.self_kv[branch.group][branch.index]  # [2, N, H, L, D]
+                kv_cache_write(k, v, cache[0], cache[1], slot.positions)
+                a = decode_attention(q, cache[0], cache[1], slot.self_lengths, D**-0.5)  # [N, H, D]
+                outs.append(a.reshape(N, d))
+            else:
+                width = 2 * d if branch.glu else d
+                x = u[:, branch.in_offset : branch.in_offset + width]
+                if branch.glu:
+                    x = F.glu(x, dim=-1)
+                x = x.contiguous()  # [N, d]
+                if branch.weight_linear is not None:
+                    logits = branch.weight_linear(x).view(N, branch.heads, branch.kernel_size)
+                else:
+                    logits = branch.fixed_logits
+                K = branch.kernel_size
+                window = slot.conv_windows[branch.index, :, :K, :d]  # [N, K, d], slot K - 1 = this step
+                outs.append(dynamic_conv_step(x, window, logits, K - 1, branch.softmax))
+        return layer.out_proj(torch.cat(outs, dim=-1))
+
+    def _cross(self, slot: _Slot, i: int, layer: _Layer, h: Tensor) -> Tensor:
+        N, H, D = h.shape[0], self.cross_heads, self.cross_head_dim
+        q = layer.cross_q(h).view(N, H, D)
+        kv = slot.cross_kv[i]  # [2, N, H, S, D]
+        a = decode_attention(q, kv[0], kv[1], slot.cross_lengths, D**-0.5)
+        return layer.cross_out(a.reshape(N, H * D))
+
+    def _step(self, slot: _Slot) -> None:
+        """One beam-search step for all rows of ``slot``: device work only (captured as the slot's graph)."""
+        state = slot.state
+        N = state.N
+        slot.positions.copy_(state.step.expand(N))
+        torch.add(slot.positions, 1, out=slot.self_lengths)
+        x = self.embed_scale * F.embedding(state.next_tokens, self.embed)  # [N, C]
+        if self.position_table is not None:
+            x = x + self.position_table.index_select(0, state.step.view(1) + (self.padding_idx + 1))
+        h = x
+        if self.pre_norm:
+            h = layer_norm(x, *self.layers[0].lsra_norm)
+        for i, layer in enumerate(self.layers):
+            x, h = self._residual(x, h, self._lsra(slot, i, layer, h), layer.lsra_norm, layer.cross_norm)
+            x, h = self._residual(x, h, self._cross(slot, i, layer, h), layer.cross_norm, layer.ffn_norm)
+            delta = layer.fc2(self.activation(layer.fc1(h)))
+            following = self.layers[i + 1].lsra_norm if i + 1 < len(self.layers) else self.final_norm
+            x, h = self._residual(x, h, delta, layer.ffn_norm, following)
+        if self.final_norm is not None and not self.pre_norm:
+            h = layer_norm(h, *self.final_norm)
+        lprobs = F.log_softmax(self.output(h), dim=-1, dtype=torch.float32)  # [N, V]
+        state.advance(lprobs)
+        rows = state.reorder_rows
+        if state.k > 1:  # beam 1 keeps its rows: nothing to reorder
+            for kv in slot.self_kv.values():
+                kv.copy_(kv.index_select(2, rows))
+        if slot.conv_windows is not None:  # reorder + shift by one time step in one copy
+            w = slot.conv_windows
+            moved = w.index_select(1, rows) if state.k > 1 else w
+            w[:, :, :-1] = moved[:, :, 1:].clone() if state.k == 1 else moved[:, :, 1:]
+
+    # ------------------------------------------------------------------ slots and graphs -----------------------
+
+    def _round(self, n: int) -> int:
+        m = self.options.length_multiple
+        return -(-n // m) * m
+
+    def _slot(self, sentences: int, options: BeamSearchOptions, source_len: int, target_len: int) -> _Slot:
+        key = (options.beam_size, sentences, self._round(source_len), min(self._round(target_len), self.config.decoder.max_positions))
+        slot = self.slots.get(key)
+        if slot is None:
+            beam, S, L = options.beam_size, key[2], key[3]
+            N, dev, dtype = sentences * beam, self.device, self.dtype
+            state = BeamSearchState(options, self.special, sentences, self.vocab_size, L - 1, dev)
+            self_kv = {
+                (H, D): torch.zeros(n, 2, N, H, L, D, dtype=dtype, device=dev) for (H, D), n in self.attn_groups.items()
+            }
+            windows = None
+            if self.n_conv:
+                windows = torch.zeros(self.n_conv, N, self.conv_kernel_max, self.conv_dim_max, dtype=dtype, device=dev)
+            H, D = self.cross_heads, self.cross_head_dim
+            cross_kv = torch.zeros(len(self.layers), 2, N, H, S, D, dtype=dtype, device=dev)
+            long = dict(dtype=torch.long, device=dev)
+            slot = _Slot(sentences, beam, S, L, state, self_kv, windows, cross_kv,
+                         torch.ones(N, **long), torch.zeros(N, **long), torch.ones(N, **long))  # fmt: skip
+            self.slots[key] = slot
+        # the search options that are not shapes (lenpen, min_len, unk penalty, nbest) may change between calls
+        slot.state.options = options
+        slot.state.min_len.fill_(options.min_len)
+        slot.state.unk_penalty.fill_(options.unk_penalty)
+        return slot
+
+    def _reset(self, slot: _Slot, max_len: int) -> None:
+        slot.state.reset(max_len)
+        if slot.conv_windows is not None:
+            slot.conv_windows.zero_()
+
+    def _capture(self, slot: _Slot, max_len: int, warmup: int = 2) -> None:
+        """Warm up on a side stream (Triton compiles, cuBLAS picks its algorithms), then capture one step."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):
+                self._step(slot)
+        torch.cuda.current_stream().wait_stream(stream)
+        self._reset(slot, max_len)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.graph_pool):
+            self._step(slot)
+        torch.cuda.synchronize()
+        slot.graph = graph
+
+    # ------------------------------------------------------------------ generation -----------------------------
+
+    @torch.inference_mode()
+    def encode(self, src_tokens: Tensor, slot: _Slot) -> None:
+        """Encoder once, then the encoder-decoder K/V of every layer into the slot (left-aligned, per beam row)."""
+        B, S = src_tokens.shape
+        encoder_out = self.model.encoder(src_tokens)
+        out = encoder_out.out  # [B, S, C]
+        if encoder_out.padding_mask is not None:
+            pad = encoder_out.padding_mask
+            order = torch.sort(pad.to(torch.uint8), dim=1, stable=True).indices  # real tokens first, in order
+            out = out.gather(1, order[..., None].expand_as(out))
+            lengths = (~pad).sum(dim=1)
+        else:
+            lengths = torch.full((B,), S, dtype=torch.long, device=self.device)
+        sentence = torch.arange(slot.sentences, device=self.device).clamp(max=B - 1)  # extra ones copy the last
+        rows = sentence.repeat_interleave(slot.beam)  # [N]
+        slot.cross_lengths.copy_(lengths[rows])
+        H, D = self.cross_heads, self.cross_head_dim
+        for i, layer in enumerate(self.model.decoder.layers):
+            k, v = layer.cross_attn.project_kv(out)  # [B, H, S, D], the model's own projection (once per batch)
+            slot.cross_kv[i, 0, :, :, :S] = k.index_select(0, rows)
+            slot.cross_kv[i, 1, :, :, :S] = v.index_select(0, rows)
+
+    @torch.inference_mode()
+    def generate(self, src_tokens: Tensor, options: BeamSearchOptions, max_len: int) -> list[list[Hypothesis]]:
+        """Beam search for one padded batch src_tokens [B, S] (rows end with </s>): ``nbest`` hypotheses per
+        sentence, ``max_len`` tokens at most before the forced </s>."""
+        src_tokens = src_tokens.to(self.device)
+        B, S = src_tokens.shape
+        if max_len < 0 or max_len + 1 > self.config.decoder.max_positions:
+            raise GenerationError(f"max_len {max_len} must be in [0, {self.config.decoder.max_positions - 1}]")
+        sentences = bucket_for(B, self.options.sentence_buckets)
+        slot = self._slot(sentences, options, S, max_len + 1)
+        self.encode(src_tokens, slot)
+        if self.use_graphs and slot.graph is None:
+            self._reset(slot, max_len)
+            self._capture(slot, max_len)
+        self._reset(slot, max_len)
+        state, check = slot.state, self.options.check_every
+        for step in range(max_len + 1):
+            if slot.graph is not None:
+                slot.graph.replay()
+            else:
+                self._step(slot)
+            if (step + 1) % check == 0 and step < max_len and bool((state.n_finished[:B] >= state.k).all()):
+                break
+        return state.hypotheses(B)
