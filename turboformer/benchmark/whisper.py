@@ -211,6 +211,47 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def bench_mel(config, rows: int) -> torch.Tensor:
+    """The benchmark's input: [rows, n_mels, 3000] seeded noise on the GPU (the same in a child process)."""
+    generator = torch.Generator("cuda").manual_seed(0)
+    return torch.randn(rows, config.n_mels, 3000, device="cuda", generator=generator) * 0.5
+
+
+def hf_compiled_in_child(name: str, batches: list[int], rows: int, timeout_s: float = 900) -> dict:
+    """transformers with static cache + torch.compile, in a child process: compiling can crash the process
+    (torch 2.11 + transformers 5.17 on the H200: a segmentation fault after "skipping cudagraphs due to mutated
+    inputs"), which must not take the rest of the benchmark with it. Same weights (seeded) and inputs."""
+    import json
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        out = f"{folder}/hf_compiled.json"
+        code = (
+            "import json, sys, torch\n"
+            "from turboformer.benchmark.whisper import bench_hf, bench_mel\n"
+            "from turboformer.models.whisper.config import WHISPER_CONFIGS\n"
+            "from turboformer.models.whisper.convert import random_state\n"
+            f"config = WHISPER_CONFIGS[{name!r}]\n"
+            "state = random_state(config, seed=0, device='cuda', dtype=torch.float16)\n"
+            f"result = bench_hf(config, state, {batches!r}, bench_mel(config, {rows}), compiled=True)\n"
+            f"json.dump(result, open({out!r}, 'w'))\n"
+        )
+        try:
+            done = subprocess.run(
+                [sys.executable, "-c", code], timeout=timeout_s, capture_output=True, text=True, check=False
+            )
+        except subprocess.TimeoutExpired:
+            return {"rows": {b: {"error": f"timed out after {timeout_s:.0f} s"} for b in batches}}
+        if done.returncode != 0:
+            tail = done.stderr.strip().splitlines()[-1:] or [""]
+            error = f"child exited with {done.returncode}: {tail[0][:200]}"
+            print(f"HF static cache + torch.compile ({name}): {error}", file=sys.stderr)
+            return {"rows": {b: {"error": error} for b in batches}}
+        with open(out) as f:
+            return {"rows": {int(b): row for b, row in json.load(f)["rows"].items()}}
+
+
 def _compiled_cell(entry: dict, batch) -> str:
     row = entry.get("hf_compiled", {}).get("rows", {}).get(batch)
     if row is None:
@@ -250,7 +291,7 @@ def run(args) -> int:
                "peaks": measure_peaks(), "models": {}}
     for name in args.models:
         config = WHISPER_CONFIGS[name]
-        mel = torch.randn(max(args.batches), config.n_mels, 3000, device="cuda") * 0.5
+        mel = bench_mel(config, max(args.batches))
         state = random_state(config, seed=0, device="cuda", dtype=torch.float16)
         model = random_model(config, seed=0, device="cuda", dtype=torch.float16)
         options = EngineOptions(dtype=torch.float16, buckets=tuple(sorted({1, 2, 4, 8, 16, 32, 64} | set(args.batches))))
@@ -269,13 +310,10 @@ def run(args) -> int:
         gc.collect()
         torch.cuda.empty_cache()
         results["models"][name] = {"ours": ours, "hf": hf}
+        del state
         if args.hf_compile is not None:
             batches = [b for b in args.batches if not args.hf_compile or b in args.hf_compile]
-            results["models"][name]["hf_compiled"] = bench_hf(config, state, batches, mel, compiled=True)
-            torch._dynamo.reset()
-            gc.collect()
-            torch.cuda.empty_cache()
-        del state
+            results["models"][name]["hf_compiled"] = hf_compiled_in_child(name, batches, max(args.batches))
         print("\n".join(markdown({**results, "models": {name: results["models"][name]}}).splitlines()[-len(args.batches):]), flush=True)
     write_results(results, args.out, args.name, gpu, markdown(results))
     print(markdown(results))

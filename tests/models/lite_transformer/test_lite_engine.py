@@ -171,7 +171,7 @@ def test_device_search_vocabulary_too_small():
 
 
 def cpu_engine(model: LiteTransformer, **kwargs) -> LiteTransformerEngine:
-    options = EngineOptions(dtype=torch.float32, **kwargs)
+    options = EngineOptions(**{"dtype": torch.float32, **kwargs})
     return LiteTransformerEngine(copy.deepcopy(model), SPECIAL, options, device="cpu")
 
 
@@ -225,12 +225,14 @@ def test_engine_int8_matches_reference_on_the_same_weights(loaded, expected):
     assert_same(engine.generate(src, options, 10), reference_search(reference, src, options, 10), tol=1e-4)
 
 
-@pytest.mark.parametrize("group", [32, None])
-def test_engine_int8_keeps_the_fp32_hypotheses(loaded, expected, group):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("group", [16, None])
+def test_engine_int8_keeps_the_fp32_hypotheses(loaded, expected, group, dtype):
     """INT8 against the fp32 reference path (unquantised): the fixture's hypotheses survive with the default
-    group-wise scales (32 inputs per scale); with per-channel scales they do not (a measured difference, kept as
-    the reason for the default: the H200 showed the same flip)."""
-    engine = cpu_engine(loaded.model, quantize="int8", int8_group=group)
+    group-wise scales (16 inputs per scale); with per-channel scales the first sentence's best hypothesis flips
+    (measured here and on the H200). The fixture's first sentence is a near-tie at INT8 noise: on this CPU groups
+    of 32 keep it in fp32 but not in fp16, groups of 8 lose it; the default is what kept it everywhere."""
+    engine = cpu_engine(loaded.model, quantize="int8", int8_group=group, dtype=dtype)
     options = BeamSearchOptions(4, 0.6, nbest=4)
     src = fixture_src(expected)
     got = [[h.tokens for h in sentence] for sentence in engine.generate(src, options, 10)]

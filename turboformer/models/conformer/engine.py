@@ -51,6 +51,7 @@ class EngineOptionsError(ValueError):
 class EngineOptions:
     dtype: torch.dtype = torch.float16  # or torch.bfloat16; torch.float32 (CPU logic tests, fp32 on GPU)
     quantize: str | None = None  # "int8": weight-only INT8 linears (see KEEP_PRECISE)
+    int8_group: int | None = 32  # int8 scales per 32 input features (None: per output channel)
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32)  # utterances per graph
     frame_step: int = 128  # feature frames (10 ms) are padded up to a multiple of this (1.28 s buckets)
     cuda_graphs: bool = True  # False: run the same step eagerly
@@ -66,7 +67,9 @@ class EngineOptions:
             raise EngineOptionsError(f"frame_step must be >= 1, got {self.frame_step}")
 
 
-def convert_model(model: ConformerASR, dtype: torch.dtype, quantize: str | None) -> ConformerASR:
+def convert_model(
+    model: ConformerASR, dtype: torch.dtype, quantize: str | None, int8_group: int | None = 32
+) -> ConformerASR:
     """The model in ``dtype`` with fp32 CMVN and BatchNorm statistics, optionally INT8 linears (in place)."""
     model.to(dtype)
     model.encoder.global_cmvn.float()  # (x - mean) * istd on log-fbank ~10: fp16 would keep ~3 digits
@@ -74,7 +77,7 @@ def convert_model(model: ConformerASR, dtype: torch.dtype, quantize: str | None)
         if isinstance(module, nn.BatchNorm1d):
             module.float()  # only folded into the depthwise conv (in float32), never run itself
     if quantize == "int8":
-        quantize_linears(model, skip=lambda name: name in KEEP_PRECISE)
+        quantize_linears(model, skip=lambda name: name in KEEP_PRECISE, group=int8_group)
     return model
 
 
@@ -98,7 +101,7 @@ class ConformerEngine:
         if self.device.type != "cuda" and (options.dtype != torch.float32 or options.quantize):
             raise EngineOptionsError("float16/bfloat16 and int8 engines need a CUDA device (CPU runs fp32)")
         model = copy.deepcopy(model) if copy_model else model
-        self.model = convert_model(model.eval(), options.dtype, options.quantize)
+        self.model = convert_model(model.eval(), options.dtype, options.quantize, options.int8_group)
         self.config = model.config
         self.graphed = options.cuda_graphs and self.device.type == "cuda"
         self._graphs: dict[tuple, _Graph] = {}

@@ -72,7 +72,7 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 class EngineOptions:
     dtype: torch.dtype = torch.float16  # or torch.bfloat16 (torch.float32 for CPU logic tests)
     quantize: str | None = None  # "int8": weight-only int8 decoder linears
-    int8_group: int | None = 32  # int8 scales per 32 input features (None: per output channel; see quantize_weight)
+    int8_group: int | None = 16  # int8 scales per 16 input features (None: per output channel; see quantize_weight)
     quantize_output: bool = False  # int8 for the vocabulary projection too (it decides the beams: fp16 by default)
     cuda_graphs: bool = True  # False: run the same step eagerly
     sentence_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # sentences per batch captured as graphs
