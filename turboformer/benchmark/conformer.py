@@ -274,9 +274,9 @@ def run(args) -> int:
     # ours: fp16 + graphs on the GPU; the CPU dry run checks the same engine logic in fp32, eagerly.
     engine_dtype = torch.float16 if cuda else torch.float32
     buckets = tuple(sorted(set(EngineOptions().batch_buckets) | set(args.batches)))
-    engines = {"ours": ConformerEngine(fp32, EngineOptions(engine_dtype, None, buckets, cuda_graphs=cuda), True)}
+    engines = {"ours": ConformerEngine(fp32, EngineOptions(engine_dtype, None, batch_buckets=buckets, cuda_graphs=cuda), True)}
     if args.int8:
-        engines["ours_int8"] = ConformerEngine(fp32, EngineOptions(engine_dtype, "int8", buckets, cuda_graphs=cuda), True)
+        engines["ours_int8"] = ConformerEngine(fp32, EngineOptions(engine_dtype, "int8", batch_buckets=buckets, cuda_graphs=cuda), True)
     systems = (*engines, "fp32_eager", "torch_fp16_eager")
     gpu = torch.cuda.get_device_name() if cuda else "cpu"
     results = {"gpu": gpu, "torch": torch.__version__, "config": args.config, "beam": args.beam,

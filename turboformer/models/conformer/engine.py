@@ -51,10 +51,10 @@ class EngineOptionsError(ValueError):
 class EngineOptions:
     dtype: torch.dtype = torch.float16  # or torch.bfloat16; torch.float32 (CPU logic tests, fp32 on GPU)
     quantize: str | None = None  # "int8": weight-only INT8 linears (see KEEP_PRECISE)
-    int8_group: int | None = 32  # int8 scales per 32 input features (None: per output channel)
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32)  # utterances per graph
     frame_step: int = 128  # feature frames (10 ms) are padded up to a multiple of this (1.28 s buckets)
     cuda_graphs: bool = True  # False: run the same step eagerly
+    int8_group: int | None = 32  # int8 scales per 32 input features (None: per output channel)
 
     def validate(self) -> None:
         if self.dtype not in DTYPES:
@@ -63,6 +63,8 @@ class EngineOptions:
             raise EngineOptionsError(f"quantize must be one of {QUANTIZE}, got {self.quantize!r}")
         if not self.batch_buckets or min(self.batch_buckets) < 1:
             raise EngineOptionsError(f"batch_buckets must be positive batch sizes, got {self.batch_buckets}")
+        if self.int8_group is not None and self.int8_group < 1:
+            raise EngineOptionsError(f"int8_group must be >= 1 or None, got {self.int8_group}")
         if self.frame_step < 1:
             raise EngineOptionsError(f"frame_step must be >= 1, got {self.frame_step}")
 
