@@ -20,7 +20,6 @@ if [ "${STAGE:-1}" = families ]; then
   # scikit-image is not on the GPU machine: a stand-in skimage.data serves the same photos (.gpudata/images.npz).
   export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/.gpudata/skimage_stub
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/segment_anything*.whl 2>/dev/null; export PYTHONPATH=$PYTHONPATH:/tmp/site
-  export TURBOFORMER_UNVERIFIED_KERNELS=1
   #   TESTS: pytest paths ("none": skip);  BENCHES: ";"-separated "family args..." runs of `turboformer bench`.
   TESTS=${TESTS:-tests/kernels tests/models/conformer tests/models/lite_transformer tests/models/sam tests/nn}
   [ "$TESTS" = none ] || timeout ${TEST_TIMEOUT:-420} python3 -m pytest -p no:cacheprovider -q -rs --maxfail=15 $TESTS -m cuda 2>&1 | tee "$OUT/pytest_families.log" | grep -v "^\.*$" | tail -60

@@ -195,13 +195,3 @@ def test_launchers_capture_in_a_cuda_graph(module, name, make_args):
         assert_same(static_out, call(launcher, static_args))
 
 
-def test_unverified_kernels_need_the_opt_in(monkeypatch):
-    """Kernels not yet run on a GPU dispatch to Triton only with TURBOFORMER_UNVERIFIED_KERNELS=1."""
-    from turboformer.kernels import utils as kernel_utils
-
-    x = torch.zeros(2)
-    monkeypatch.setattr(kernel_utils, "use_triton", lambda t: True)  # as on a CUDA tensor
-    monkeypatch.delenv(kernel_utils.UNVERIFIED_ENV_VAR, raising=False)
-    assert not kernel_utils.use_unverified_triton(x)
-    monkeypatch.setenv(kernel_utils.UNVERIFIED_ENV_VAR, "1")
-    assert kernel_utils.use_unverified_triton(x)

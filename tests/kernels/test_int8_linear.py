@@ -67,7 +67,9 @@ def test_int8_linear(x_shape, n, dtype):
 
 # Group-wise scales: the same kernels with the scale applied per [BLOCK_N, BLOCK_K] tile (K a multiple of the
 # group; blocks and splits need not align with the groups: 1088 = 17 x 64 splits at 512 and 128).
-GROUPED_SHAPES = [((1, 192), 100, 32), ((2, 1088), 20, 64), ((3, 256), 64, 32), ((17, 960), 200, 64), ((70, 96), 150, 32)]
+# Groups of 48 (not a power of two) take the per-element scale path, the others the packed one.
+GROUPED_SHAPES = [((1, 192), 100, 32), ((2, 1088), 20, 64), ((3, 256), 64, 32), ((17, 960), 200, 64), ((70, 96), 150, 32),
+                  ((1, 240), 30, 48), ((5, 240), 40, 48), ((70, 144), 20, 48)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -21,7 +21,6 @@ Writes benchmarks/results/<gpu>/lite_transformer.{json,md} under ``--out`` (defa
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from turboformer.benchmark.common import median_ms, write_results
-from turboformer.kernels import use_reference, utils
+from turboformer.kernels import use_reference
 from turboformer.models.lite_transformer.config import (
     BranchSpec,
     LiteTransformerConfig,
@@ -194,8 +193,6 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
-    # the benchmark measures our kernels: turn on the ones not yet verified on a GPU (kernels/utils.py)
-    os.environ.setdefault(utils.UNVERIFIED_ENV_VAR, "1")
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench lite_transformer: needs a CUDA GPU (or --device cpu --config tiny for a logic check)", file=sys.stderr)
         return 2

@@ -32,7 +32,6 @@ import copy
 import gc
 import importlib
 import importlib.util
-import os
 import statistics
 import sys
 import time
@@ -44,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from turboformer.benchmark.common import median_ms, write_results
-from turboformer.kernels import use_reference, utils
+from turboformer.kernels import use_reference
 from turboformer.kernels.rel_pos_attention import (
     rel_pos_attention,
     rel_pos_attention_ref,
@@ -421,8 +420,6 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
-    # the benchmark measures our kernels: turn on the ones not yet verified on a GPU (kernels/utils.py)
-    os.environ.setdefault(utils.UNVERIFIED_ENV_VAR, "1")
     if min(args.batches) < 1 or max(args.batches) > 64 or min(args.prompts) < 1 or args.repeat < 1:
         print("error: batches must be between 1 and 64 images, prompts and repeat at least 1", file=sys.stderr)
         return 2

@@ -171,7 +171,7 @@ def depthwise_conv1d(
 ) -> torch.Tensor:
     """Depthwise conv (+ optional SiLU) of channel-last ``x [B, T_in, C]``, ``weight [C, K]``, ``bias [C]``;
     see :func:`depthwise_conv1d_triton`. Triton on CUDA, the reference otherwise."""
-    if utils.use_unverified_triton(x):
+    if utils.use_triton(x):
         return depthwise_conv1d_triton(x, weight, bias, padding, valid, activation)
     return depthwise_conv1d_ref(x, weight, bias, padding, valid, activation)
 

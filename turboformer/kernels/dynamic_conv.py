@@ -301,7 +301,7 @@ def launch_on_cpu() -> Iterator[None]:
 def _use_kernel(x: torch.Tensor, K: int) -> bool:
     if K > MAX_TAPS:
         return False
-    if utils.use_unverified_triton(x):
+    if utils.use_triton(x):
         return True
     return (
         _INTERPRET_ON_CPU.get()

@@ -33,6 +33,27 @@ GEMV_MAX_M = 2  # up to this many rows, the GEMV kernel beats the tensor-core ti
 
 
 @triton.jit
+def _dequantize_tile(w, scale_ptr, rn, n_mask, k0, rk, k_mask, K, stride_sn,
+                     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PACKED: tl.constexpr):
+    """A [BLOCK_N, BLOCK_K] int8 tile (columns k0 + rk) times its group scales, in fp32.
+
+    PACKED (GROUP a power of two dividing BLOCK_K; tiles start on multiples of BLOCK_K): one scale per group is
+    loaded, [BLOCK_N, BLOCK_K / GROUP], and broadcast over its GROUP columns in registers. Otherwise the scale is
+    gathered per element, [BLOCK_N, BLOCK_K] fp32 (always correct; 4 bytes of scale traffic per weight byte).
+    """
+    if PACKED:
+        rg = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)  # [BLOCK_K / GROUP] groups of this tile
+        s = tl.load(scale_ptr + rn.to(tl.int64)[:, None] * stride_sn + rg[None, :],
+                    mask=n_mask[:, None] & (rg * GROUP < K)[None, :], other=0.0)  # [BLOCK_N, BLOCK_K / GROUP]
+        w3 = tl.reshape(w.to(tl.float32), (BLOCK_N, BLOCK_K // GROUP, GROUP)) * s[:, :, None]
+        return tl.reshape(w3, (BLOCK_N, BLOCK_K))
+    else:
+        s = tl.load(scale_ptr + rn.to(tl.int64)[:, None] * stride_sn + ((k0 + rk) // GROUP)[None, :],
+                    mask=n_mask[:, None] & k_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
+        return w.to(tl.float32) * s
+
+
+@triton.jit
 def _int8_linear_kernel(
     x_ptr,  # [M, K] activations
     w_ptr,  # [N, K] int8 weight
@@ -50,6 +71,7 @@ def _int8_linear_kernel(
     HAS_BIAS: tl.constexpr,
     SPLIT: tl.constexpr,  # split-K: write fp32 partials for the epilogue kernel
     GROUP: tl.constexpr,  # 0: per-channel scales [N], applied in the epilogue; G: [N, K / G], applied per tile
+    PACKED: tl.constexpr,  # group scales loaded once per group (see _dequantize_tile)
     DOT_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -75,11 +97,8 @@ def _int8_linear_kernel(
         k_mask = (k0 + rk) < k_end
         x = tl.load(x_ptrs + k0 * stride_xk, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(w_ptrs + k0 * stride_wk, mask=n_mask[:, None] & k_mask[None, :], other=0)
-        if GROUP > 0:
-            # group-wise: dequantise the tile (fp32 product, rounded once to the dot dtype)
-            s = tl.load(scale_ptr + rn.to(tl.int64)[:, None] * stride_sn + ((k0 + rk) // GROUP)[None, :],
-                        mask=n_mask[:, None] & k_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
-            w = w.to(tl.float32) * s
+        if GROUP > 0:  # group-wise: dequantise the tile (fp32 product, rounded once to the dot dtype)
+            w = _dequantize_tile(w, scale_ptr, rn, n_mask, k0, rk, k_mask, K, stride_sn, GROUP, BLOCK_N, BLOCK_K, PACKED)
         # int8 -> fp16/bf16 is exact (|w| <= 127 < 2^8); products and sums in fp32 on the tensor cores.
         acc = tl.dot(x.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), acc, input_precision="ieee")
 
@@ -114,6 +133,7 @@ def _int8_gemv_kernel(
     HAS_BIAS: tl.constexpr,
     SPLIT: tl.constexpr,
     GROUP: tl.constexpr,  # as in _int8_linear_kernel
+    PACKED: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):  # fmt: skip
@@ -132,11 +152,9 @@ def _int8_gemv_kernel(
         k_mask = (k0 + rk) < k_end
         w = tl.load(w_ptrs + k0 * stride_wk, mask=n_mask[:, None] & k_mask[None, :], other=0)
         x = tl.load(x_ptr + m * stride_xm + (k0 + rk) * stride_xk, mask=k_mask, other=0.0)
-        w = w.to(tl.float32)
         if GROUP > 0:
-            w *= tl.load(scale_ptr + rn.to(tl.int64)[:, None] * stride_sn + ((k0 + rk) // GROUP)[None, :],
-                         mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        acc += w * x.to(tl.float32)[None, :]
+            w = _dequantize_tile(w, scale_ptr, rn, n_mask, k0, rk, k_mask, K, stride_sn, GROUP, BLOCK_N, BLOCK_K, PACKED)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
     y = tl.sum(acc, axis=1)  # [BLOCK_N]
     if SPLIT:
         tl.store(partial_ptr + (pid_k * M + m) * N + rn, y, mask=n_mask)
@@ -247,7 +265,8 @@ def int8_linear_triton(
         return y.view(*x.shape[:-1], n)
     plan = _plan(m, n, k, x.device)
     group = group_size(w_int8, scale)
-    if group:  # the [BLOCK_N, BLOCK_K] fp32 scale tile is pipelined too: one stage fewer fits shared memory
+    packed = bool(group) and group & (group - 1) == 0 and plan.block_k % group == 0
+    if group and not packed:  # a [BLOCK_N, BLOCK_K] fp32 scale tile is pipelined too: one stage fewer fits
         plan = plan._replace(num_stages=2)
     split_k = plan.split_k
     partial = utils.empty((split_k, m, n), torch.float32, x.device) if split_k > 1 else y
@@ -257,6 +276,7 @@ def int8_linear_triton(
             scale.stride(0))  # fmt: skip
     meta = dict(
         HAS_BIAS=bias is not None, SPLIT=split_k > 1, GROUP=group, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k,
+        PACKED=packed,
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )  # fmt: skip
     if plan.gemv:

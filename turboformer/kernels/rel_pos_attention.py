@@ -260,6 +260,6 @@ def rel_pos_attention(
     Returns:
         ``[BH, N, D]`` in q's dtype. Triton on CUDA, the PyTorch reference otherwise.
     """
-    if utils.use_unverified_triton(q):
+    if utils.use_triton(q):
         return rel_pos_attention_triton(q, k, v, rel_h, rel_w, scale)
     return rel_pos_attention_ref(q, k, v, rel_h, rel_w, scale)

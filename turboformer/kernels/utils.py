@@ -89,17 +89,6 @@ def use_triton(x: torch.Tensor) -> bool:
     return x.device.type == "cuda" and triton_available() and not reference_forced()
 
 
-UNVERIFIED_ENV_VAR = "TURBOFORMER_UNVERIFIED_KERNELS"
-
-
-def use_unverified_triton(x: torch.Tensor) -> bool:
-    """The choice for kernels whose CUDA tests have not yet passed on a real GPU (they pass under the
-    interpreter): the Triton launcher only where :func:`use_triton` says so AND the environment sets
-    ``TURBOFORMER_UNVERIFIED_KERNELS=1`` (the benchmarks and the GPU test session do); the PyTorch reference
-    otherwise, so users keep the verified path until a GPU run has checked the kernel."""
-    return use_triton(x) and os.environ.get(UNVERIFIED_ENV_VAR, "") == "1"
-
-
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -39,7 +39,6 @@ their PyTorch references.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -417,7 +416,6 @@ class LiteTransformerEngine:
         sentence = torch.arange(slot.sentences, device=self.device).clamp(max=B - 1)  # extra ones copy the last
         rows = sentence.repeat_interleave(slot.beam)  # [N]
         slot.cross_lengths.copy_(lengths[rows])
-        H, D = self.cross_heads, self.cross_head_dim
         for i, layer in enumerate(self.model.decoder.layers):
             k, v = layer.cross_attn.project_kv(out)  # [B, H, S, D], the model's own projection (once per batch)
             slot.cross_kv[i, 0, :, :, :S] = k.index_select(0, rows)

@@ -104,11 +104,10 @@ def attention_with_rel_pos(
     """``softmax(q k^T / sqrt(D) + rel_h + rel_w) v``.
 
     "auto" (the default) runs the kernel dispatcher
-    :func:`turboformer.kernels.rel_pos_attention.rel_pos_attention`: the fused Triton flash attention on CUDA
-    once enabled (``TURBOFORMER_UNVERIFIED_KERNELS=1`` until its GPU tests have passed), else, for fp16/bf16
-    CUDA tensors, torch SDPA with an explicit bias mask (never the fp32 reference's ``[BH, N, N]`` fp32
-    scores at low precision), and upstream's explicit-bias maths in fp32 on the CPU or under
-    ``use_reference()``. :func:`attention_backend` picks one explicitly.
+    :func:`turboformer.kernels.rel_pos_attention.rel_pos_attention`: the fused Triton flash attention on CUDA,
+    upstream's explicit-bias maths in fp32 on the CPU or under ``use_reference()``; for fp16/bf16 CUDA tensors
+    under ``use_reference()``, torch SDPA with an explicit bias mask (never the fp32 reference's ``[BH, N, N]``
+    fp32 scores at low precision). :func:`attention_backend` picks one explicitly.
 
     Args:
         q, k, v: ``[BH, N, D]`` with ``N = H * W``.
@@ -123,9 +122,9 @@ def attention_with_rel_pos(
     rel_h, rel_w = rel_h.reshape(bh, n, -1), rel_w.reshape(bh, n, -1)
     backend = _ATTENTION_BACKEND.get()
     if backend == "auto":
-        if utils.use_unverified_triton(q) or not utils.use_triton(q) or q.dtype == torch.float32:
+        if utils.use_triton(q) or q.device.type != "cuda" or q.dtype == torch.float32:
             return rel_pos_attention(q, k, v, rel_h, rel_w)
-        backend = "sdpa"  # CUDA fp16/bf16 while the fused kernel is not yet enabled
+        backend = "sdpa"  # CUDA fp16/bf16 with the kernels forced off (use_reference)
     if backend == "kernel":
         return rel_pos_attention_triton(q, k, v, rel_h, rel_w)
     if backend == "sdpa":

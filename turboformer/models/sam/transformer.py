@@ -12,9 +12,12 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import SamConfig
 from .layers import FeedForward
+
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -26,7 +29,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     image-to-token attention (4096 queries per prompt) at a batch of 64 prompts.
     """
     if q.dtype != torch.float32:
-        return F.scaled_dot_product_attention(q, k, v)
+        # not the cuDNN backend: on the H200 (torch 2.11) it failed inside CUDA-graph capture with
+        # CUDNN_STATUS_INTERNAL_ERROR at some prompt-batch shapes
+        with sdpa_kernel(SDPA_BACKENDS):
+            return F.scaled_dot_product_attention(q, k, v)
     attn = q @ k.permute(0, 1, 3, 2)  # [B, heads, Nq, Nk]
     attn = torch.softmax(attn / math.sqrt(q.shape[-1]), dim=-1)
     return attn @ v
