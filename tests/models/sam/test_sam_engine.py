@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from turboformer.eval.segmentation import mask_iou  # per mask pair: a 0-d array
 from turboformer.models.sam import (
     AutomaticMaskOptions,
     SamAutomaticMaskGenerator,
@@ -155,11 +156,6 @@ def test_automatic_generator_through_engine(small_model, images):
 
 
 # --- low precision and INT8 against fp32 on real photos ----------------------------------------------------
-
-
-def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return 1.0 if union == 0 else np.logical_and(a, b).sum() / union
 
 
 def photo_prompts(image: np.ndarray) -> dict[str, dict]:

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from turboformer.eval.segmentation import mask_iou  # per mask pair: a 0-d array
 from turboformer.models.sam import (
     SAM_CONFIGS,
     AutomaticMaskOptions,
@@ -42,11 +43,6 @@ IMAGES = ["astronaut", "coffee", "chelsea_portrait"]
 @pytest.fixture(scope="module")
 def gpu_models(tiny_checkpoint):
     return {name: load_sam(tiny_checkpoint, device="cuda", **kwargs) for name, kwargs in VARIANTS.items()}
-
-
-def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return 1.0 if union == 0 else np.logical_and(a, b).sum() / union
 
 
 def photo_prompts(image: np.ndarray) -> dict[str, dict]:
