@@ -1,7 +1,10 @@
-"""Plot bench_whisper.py results: ms per token and RTFx, turboformer vs transformers, per model and batch.
+"""Plot benchmark results beside their JSON (matplotlib; runs anywhere, no GPU needed).
 
-    python benchmarks/plot_results.py benchmarks/results/NVIDIA-H200/whisper.json
-Writes the PNG beside the JSON (matplotlib; runs anywhere, no GPU needed).
+    python benchmarks/plot_results.py benchmarks/results/NVIDIA-H200/whisper.json [conformer.json ...]
+
+whisper.json: ms per token and RTFx, turboformer vs transformers, per model and batch. conformer.json,
+lite_transformer.json, sam.json: one bar chart of each family's headline (time per batch or images/s) for ours
+against its baselines, per case.
 """
 
 from __future__ import annotations
@@ -11,6 +14,47 @@ import sys
 from pathlib import Path
 
 
+def family_bars(results: dict) -> tuple[str, str, list[str], dict[str, list[float]]]:
+    """(title, y label, case labels, {system: values}) of a Conformer, Lite Transformer or SAM results file."""
+    if "systems" in results and "config" in results and results["rows"] and "seconds" in results["rows"][0]:
+        cases = [f"b{r['batch']} {r['seconds']:g}s" for r in results["rows"]]
+        bars = {s: [r[s]["total_ms"] for r in results["rows"]] for s in results["systems"]}
+        return f"WeNet Conformer ({results['config']}) on {results['gpu']}", "ms per batch (encoder + rescoring)", cases, bars
+    if "engines" in results:
+        rows = results["rows"]
+        cases = [f"b{r['batch']} len{r['src_len']} beam{r['beam']}" for r in rows]
+        bars = {"fp32 eager": [r["baseline_ms"] for r in rows]}
+        bars.update({f"ours {e}": [r[f"{e}_ms"] for r in rows] for e in results["engines"]})
+        return f"Lite Transformer ({results['config']}) on {results['gpu']}", "ms per batch (encoder + beam search)", cases, bars
+    cases, bars = [], {}
+    for model, entry in results["models"].items():
+        for batch, row in entry["rows"].items():
+            cases.append(f"{model} b{batch}")
+            for variant, value in row.items():
+                if isinstance(value, dict) and "images_per_s" in value:
+                    bars.setdefault(variant, []).append(value["images_per_s"])
+    return f"Segment Anything image encoder on {results['device']}", "images per second", cases, bars
+
+
+def plot_family(path: str, results: dict, plt) -> int:
+    title, ylabel, cases, bars = family_bars(results)
+    fig, ax = plt.subplots(figsize=(max(8, 1.4 * len(cases)), 4.8))
+    width = 0.8 / len(bars)
+    for k, (system, values) in enumerate(bars.items()):
+        ax.bar([i + (k - (len(bars) - 1) / 2) * width for i in range(len(cases))], values, width, label=system)
+    ax.set_xticks(range(len(cases)), cases, fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(path).with_suffix(".png")
+    fig.savefig(out, dpi=110)
+    print(out)
+    return 0
+
+
 def main(path: str) -> int:
     import matplotlib
 
@@ -18,6 +62,8 @@ def main(path: str) -> int:
     import matplotlib.pyplot as plt
 
     results = json.loads(Path(path).read_text())
+    if "peaks" not in results:  # not a Whisper results file
+        return plot_family(path, results, plt)
     models = list(results["models"])
     batches = list(next(iter(results["models"].values()))["ours"]["rows"])
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
@@ -45,4 +91,4 @@ def main(path: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(max(main(path) for path in sys.argv[1:]))
