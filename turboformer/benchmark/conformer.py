@@ -162,8 +162,13 @@ def rescore(model, config: ConformerConfig, encoder_out, out_lengths, beam: int)
 
 
 def bench_eager(model, config, feats, lengths, seconds: float, args, device) -> tuple[dict, list]:
-    """Time a reference-path system (kernels forced to PyTorch) on one (batch, length) input."""
-    with torch.inference_mode(), use_reference():
+    """Time a reference-path system (kernels forced to PyTorch) on one (batch, length) input. cuDNN runs the
+    convolutions without TF32 (PyTorch's default allows it), so the fp32 baseline is fp32 throughout."""
+    no_tf32 = torch.backends.cudnn.flags(
+        enabled=torch.backends.cudnn.enabled, benchmark=torch.backends.cudnn.benchmark,
+        deterministic=torch.backends.cudnn.deterministic, allow_tf32=False,
+    )  # fmt: skip
+    with torch.inference_mode(), use_reference(), no_tf32:
         encoder_ms = median_ms(lambda: model.encode(feats, lengths), args.repeat, device)
         encoder_out, out_lengths = model.encode(feats, lengths)
         hyps = rescore(model, config, encoder_out, out_lengths, args.beam)
@@ -218,9 +223,10 @@ def markdown(results: dict) -> str:
         (
             f"| batch | audio s | encoder ms: {names} | rescoring ms: {names} | RTFx: {names} "
             "| ours vs fp32 | ours vs torch fp16 | identical hyps vs fp32: " + ", ".join(
-                name for name in systems if name != "fp32_eager") + " | tokens/utt |"
+                name for name in systems if name != "fp32_eager") + " | tokens/utt | engines vs fp32: "
+            + ", ".join(name for name in systems if name.startswith("ours")) + " |"
         ),
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results["rows"]:
         cells = [row[name] for name in systems]
@@ -229,7 +235,8 @@ def markdown(results: dict) -> str:
             f"| {row['batch']} | {row['seconds']:g} | {_joined(cells, 'encoder_ms', '.2f')} "
             f"| {_joined(cells, 'rescoring_ms', '.1f')} | {_joined(cells, 'rtfx', '.0f')} "
             f"| {row['speedup_vs_fp32']:.1f}x | {row['speedup_vs_torch_fp16']:.1f}x | {identical} "
-            f"| {row['fp32_eager']['mean_tokens']:.1f} |"
+            f"| {row['fp32_eager']['mean_tokens']:.1f} "
+            f"| {', '.join(f'{v:.1f}x' for v in row.get('speedup_vs_fp32_by_engine', {}).values())} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -241,6 +248,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--beam", type=int, default=10)
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per measurement (median)")
     parser.add_argument("--int8", action="store_true", help="also time the engine with weight-only INT8 linears")
+    parser.add_argument("--fp32-engine", action="store_true",
+                        help="also time the engine in fp32 (graphs + batched search and rescoring, fp32 results)")
     parser.add_argument("--out", default="benchmarks/results", help="results folder (a <gpu> folder goes inside)")
     parser.add_argument("--name", default="conformer", help="stem of the JSON/Markdown files written")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
@@ -274,6 +283,8 @@ def run(args) -> int:
     engines = {"ours": ConformerEngine(fp32, EngineOptions(engine_dtype, None, batch_buckets=buckets, cuda_graphs=cuda), True)}
     if args.int8:
         engines["ours_int8"] = ConformerEngine(fp32, EngineOptions(engine_dtype, "int8", batch_buckets=buckets, cuda_graphs=cuda), True)
+    if args.fp32_engine and cuda:  # the same engine in fp32: the speed of batching and graphs alone, fp32 results
+        engines["ours_fp32"] = ConformerEngine(fp32, EngineOptions(torch.float32, None, batch_buckets=buckets), True)
     systems = (*engines, "fp32_eager", "torch_fp16_eager")
     gpu = torch.cuda.get_device_name() if cuda else "cpu"
     results = {"gpu": gpu, "torch": torch.__version__, "config": args.config, "beam": args.beam,
@@ -294,6 +305,7 @@ def run(args) -> int:
             total = {name: row[name]["total_ms"] for name in systems}
             row["speedup_vs_fp32"] = total["fp32_eager"] / total["ours"]
             row["speedup_vs_torch_fp16"] = total["torch_fp16_eager"] / total["ours"]
+            row["speedup_vs_fp32_by_engine"] = {name: total["fp32_eager"] / total[name] for name in engines}
             row["identical_hypotheses"] = {
                 name: sum(a == b for a, b in zip(hyps[name], hyps["fp32_eager"])) / batch for name in systems
             }
