@@ -57,6 +57,7 @@ from turboformer.models.conformer.engine import (
     ConformerEngine,
     EngineOptions,
     convert_model,
+    fp32_convolutions,
 )
 from turboformer.models.conformer.search import attention_rescoring
 
@@ -164,11 +165,7 @@ def rescore(model, config: ConformerConfig, encoder_out, out_lengths, beam: int)
 def bench_eager(model, config, feats, lengths, seconds: float, args, device) -> tuple[dict, list]:
     """Time a reference-path system (kernels forced to PyTorch) on one (batch, length) input. cuDNN runs the
     convolutions without TF32 (PyTorch's default allows it), so the fp32 baseline is fp32 throughout."""
-    no_tf32 = torch.backends.cudnn.flags(
-        enabled=torch.backends.cudnn.enabled, benchmark=torch.backends.cudnn.benchmark,
-        deterministic=torch.backends.cudnn.deterministic, allow_tf32=False,
-    )  # fmt: skip
-    with torch.inference_mode(), use_reference(), no_tf32:
+    with torch.inference_mode(), use_reference(), fp32_convolutions():
         encoder_ms = median_ms(lambda: model.encode(feats, lengths), args.repeat, device)
         encoder_out, out_lengths = model.encode(feats, lengths)
         hyps = rescore(model, config, encoder_out, out_lengths, args.beam)

@@ -51,8 +51,16 @@ from turboformer.kernels.dynamic_conv import dynamic_conv_step
 from turboformer.kernels.kv_cache_write import kv_cache_write
 from turboformer.kernels.layer_norm import add_layer_norm, layer_norm
 from turboformer.models.lite_transformer.device_search import BeamSearchState
-from turboformer.models.lite_transformer.dynamic_conv import DynamicConv, LightweightConv
-from turboformer.models.lite_transformer.generate import BeamSearchOptions, GenerationError, Hypothesis, SpecialTokens
+from turboformer.models.lite_transformer.dynamic_conv import (
+    DynamicConv,
+    LightweightConv,
+)
+from turboformer.models.lite_transformer.generate import (
+    BeamSearchOptions,
+    GenerationError,
+    Hypothesis,
+    SpecialTokens,
+)
 from turboformer.models.lite_transformer.model import (
     ACTIVATIONS,
     DecoderLayer,
@@ -71,12 +79,12 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 class EngineOptions:
     dtype: torch.dtype = torch.float16  # or torch.bfloat16 (torch.float32 for CPU logic tests)
     quantize: str | None = None  # "int8": weight-only int8 decoder linears
-    int8_group: int | None = 16  # int8 scales per 16 input features (None: per output channel; see quantize_weight)
     quantize_output: bool = False  # int8 for the vocabulary projection too (it decides the beams: fp16 by default)
     cuda_graphs: bool = True  # False: run the same step eagerly
     sentence_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # sentences per batch captured as graphs
     length_multiple: int = 16  # source / target cache capacities are rounded up to a multiple of this
     check_every: int = 8  # steps between the host's "all sentences done?" checks (one sync each)
+    int8_group: int | None = 16  # int8 scales per 16 input features (None: per output channel; see quantize_weight)
 
     def __post_init__(self) -> None:
         if self.quantize not in QUANTIZE:

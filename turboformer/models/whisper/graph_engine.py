@@ -44,11 +44,11 @@ QUANTIZE = (None, "int8")
 class EngineOptions:
     dtype: torch.dtype = torch.float16  # or torch.bfloat16 (torch.float32 for CPU logic tests)
     quantize: str | None = None  # "int8": weight-only int8 decoder linears + int8 cross-attention K/V
+    buckets: tuple[int, ...] = DEFAULT_BUCKETS  # batch sizes (rows = files x beams) captured as graphs
+    cuda_graphs: bool = True  # False: run the same step eagerly
     # int8 weight scales per 64 input features (None: one per output channel). Measured on the real tiny.en, 10
     # clips, CPU: per-channel scales and groups of 128 change 2 transcripts, groups of 32 or 64 one.
     int8_group: int | None = 64
-    buckets: tuple[int, ...] = DEFAULT_BUCKETS  # batch sizes (rows = files x beams) captured as graphs
-    cuda_graphs: bool = True  # False: run the same step eagerly
 
     def validate(self) -> None:
         if self.quantize not in QUANTIZE:
