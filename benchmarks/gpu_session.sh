@@ -21,6 +21,8 @@ if [ "${STAGE:-1}" = families ]; then
   export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/.gpudata/skimage_stub
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/segment_anything*.whl 2>/dev/null; export PYTHONPATH=$PYTHONPATH:/tmp/site
   #   TESTS: pytest paths ("none": skip);  BENCHES: ";"-separated "family args..." runs of `turboformer bench`.
+  #   PRE: a command run first (e.g. "python3 benchmarks/profile_engines.py --out $OUT").
+  [ -z "${PRE:-}" ] || timeout ${PRE_TIMEOUT:-180} bash -c "$PRE" 2>&1 | tee "$OUT/pre.log" | tail -80
   TESTS=${TESTS:-tests/kernels tests/models/conformer tests/models/lite_transformer tests/models/sam tests/nn}
   [ "$TESTS" = none ] || timeout ${TEST_TIMEOUT:-420} python3 -m pytest -p no:cacheprovider -q -rs --maxfail=15 $TESTS -m cuda 2>&1 | tee "$OUT/pytest_families.log" | grep -v "^\.*$" | tail -60
   IFS=';' read -ra RUNS <<< "${BENCHES-conformer;lite-transformer;sam}"

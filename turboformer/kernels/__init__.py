@@ -25,6 +25,7 @@ re-exports only the switch, so each op's name keeps naming its module.
 | ``dynamic_conv.py`` | ``dynamic_conv``, ``dynamic_conv_step`` (Lite Transformer) |
 | ``depthwise_conv.py`` | ``depthwise_conv1d`` (+ folded BatchNorm, SiLU; Conformer) |
 | ``rel_pos_attention.py`` | ``rel_pos_attention`` (flash attention + SAM's decomposed rel-pos) |
+| ``pos_bias_attention.py`` | ``pos_bias_attention`` (flash attention + Transformer-XL position bias and mask; Conformer) |
 
 Every op's tests run under the interpreter in CI and at real shapes on an H200 (``cuda``-marked tests).
 """

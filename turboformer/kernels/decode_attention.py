@@ -233,11 +233,12 @@ def decode_attention_triton(
     v_scale: torch.Tensor | None = None,
     block_s: int | None = None,
     num_splits: int | None = None,
+    num_warps: int | None = None,
 ) -> torch.Tensor:
     """Flash-decoding attention with the Triton kernels; see :func:`decode_attention`.
 
-    ``block_s`` (keys per loop step, a power of two) and ``num_splits`` (programs along the key axis) override
-    the shape-based defaults, for tests and tuning.
+    ``block_s`` (keys per loop step, a power of two), ``num_splits`` (programs along the key axis) and
+    ``num_warps`` override the shape-based defaults, for tests and tuning.
     """
     _check(q, k, v, lengths, k_scale, v_scale)
     utils.check_launchable(*(t for t in (q, k, v, lengths, k_scale, v_scale) if t is not None))
@@ -246,9 +247,10 @@ def decode_attention_triton(
     batch, heads, seq, dim = k.shape
     scale = dim**-0.5 if scale is None else scale
     int8 = k.dtype == torch.int8
-    block_s, block_d, splits, split_size, num_warps = _plan(
+    block_s, block_d, splits, split_size, planned_warps = _plan(
         batch * heads, seq, dim, int8, q.device, block_s, num_splits
     )
+    num_warps = planned_warps if num_warps is None else num_warps
 
     out = utils.empty((batch, heads, dim), q.dtype, q.device)
     if splits == 1:  # no workspace: the split kernel normalises and writes `out` itself

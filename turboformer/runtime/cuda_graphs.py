@@ -22,6 +22,22 @@ def bucket_for(rows: int, buckets: Sequence[int]) -> int:
     raise ValueError(f"{rows} rows exceed the engine's largest batch bucket ({max(buckets)}); build it with larger buckets")
 
 
+def capture(fn: Callable[[], object], pool=None, warmup: int = 2) -> tuple[torch.cuda.CUDAGraph, object]:
+    """Run ``fn`` ``warmup`` times on a side stream (Triton compiles, cuBLAS picks its algorithms), then capture
+    one call into a graph in ``pool``. Returns (graph, what the captured call returned: its static outputs)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        outputs = fn()
+    torch.cuda.synchronize()
+    return graph, outputs
+
+
 class GraphedStep:
     """``step(bucket)`` captured once per bucket; ``run(bucket)`` replays it (or calls it when not graphed)."""
 

@@ -204,3 +204,47 @@ def test_cuda_only_options_on_cpu(ref, model, capsys):
     assert len(errors) == 2 and all("CUDA" in e for e in errors)
     args = parser.parse_args(["recognize", wav, "--model", str(ref.dir), "--dtype", "float32", "--beam-size", "4"])
     assert args.func(args) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@torch.inference_mode()
+def test_precise_half_precision_conversion(ref, model, dtype):
+    """``convert_model(precise=True)``: fp32 residual stream and fp32 encoder states, CTC and decoders in fp32 and
+    never quantized; closer to the fp32 model than plain half precision on the fixture's utterances (CPU
+    half-precision ops: the same roundings as on a GPU, other accumulation orders)."""
+    import copy
+
+    from turboformer.kernels import use_reference
+    from turboformer.models.conformer.engine import convert_model
+    from turboformer.nn.linear import Int8Linear
+
+    features = ref.features()
+    feats = torch.nn.utils.rnn.pad_sequence(features, batch_first=True)
+    lengths = torch.tensor([f.size(0) for f in features])
+    with use_reference():
+        fp32_out, out_lengths = model.encode(feats, lengths)
+        fp32_logp = model.ctc(fp32_out)
+    errors = {}
+    for precise in (False, True):
+        half = convert_model(copy.deepcopy(model), dtype, None, precise=precise)
+        assert all(layer.fp32_residual == precise for layer in half.encoder.layers)
+        expected_heads = torch.float32 if precise else dtype
+        assert half.ctc.ctc_lo.weight.dtype == expected_heads
+        assert half.decoder.left_decoder.output_layer.weight.dtype == expected_heads
+        with use_reference():
+            out, _ = half.encode(feats, lengths)
+            logp = half.ctc(out)
+        assert out.dtype == (torch.float32 if precise else dtype)
+        valid = torch.cat([(out[b, :n].float() - fp32_out[b, :n]).abs().flatten() for b, n in enumerate(out_lengths)])
+        logp_err = torch.cat([(logp[b, :n] - fp32_logp[b, :n]).abs().flatten() for b, n in enumerate(out_lengths)])
+        errors[precise] = (valid.mean().item(), logp_err.mean().item())
+        # attention rescoring runs through the decoders (fp32 in the precise model) on the half-precision states
+        nbest = ctc_prefix_beam_search(logp, out_lengths, ref.BEAM)[0]
+        cfg = half.config
+        assert attention_rescoring(half.decoder, out[:1, : int(out_lengths[0])], nbest, 0.3, 0.5, cfg.sos_id, cfg.eos_id)
+    print(f"{dtype}: plain (encoder, log-probs) mean abs error {errors[False]}, precise {errors[True]}")
+    assert errors[True][0] < 0.9 * errors[False][0]
+    assert errors[True][1] < 0.9 * errors[False][1]
+    quantized = convert_model(copy.deepcopy(model), dtype, "int8", precise=True)
+    assert isinstance(quantized.encoder.layers[0].feed_forward.w_1, Int8Linear)
+    assert not any(isinstance(m, Int8Linear) for m in [*quantized.decoder.modules(), *quantized.ctc.modules()])

@@ -1,6 +1,7 @@
-"""The Conformer GPU path on CPU: the convolution module with the Triton depthwise-conv launcher forced (it runs
-in the Triton interpreter here), against upstream WeNet's fixture outputs and the module's unfused maths; and
-a dry run of the benchmark's logic on a tiny config.
+"""The Conformer GPU path on CPU: the convolution module with the Triton depthwise-conv launcher forced and the
+self-attention with the Triton rel-pos flash-attention launcher forced (both run in the Triton interpreter
+here), against upstream WeNet's fixture outputs and the module's unfused maths; and a dry run of the
+benchmark's logic on a tiny config.
 
 Tolerances: ``encoder_out`` within 1e-4 of upstream (the fixture's fp32 tolerance, ``ref.ATOL``); one
 convolution module within 1e-5 of its unfused nn.Conv1d -> BatchNorm/LayerNorm -> SiLU computation (fp32).
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 
 from turboformer.kernels import depthwise_conv as dwconv
 from turboformer.kernels import poison_buffers
+from turboformer.kernels import pos_bias_attention as pba
 from turboformer.models.conformer.encoder import ConvolutionModule
 
 PREFIXES = {"": (-1, -1), "chunk4_": (4, -1)}  # fixture prefix -> (chunk, left chunks)
@@ -52,6 +54,40 @@ def test_fixture_streaming_with_triton_conv(model, ref, forced_triton):
     """The cached chunk-by-chunk path (conv caches carry the causal history) through the kernel."""
     out = model.encoder.forward_chunk_by_chunk(ref.features()[0][None], 4)
     assert len(forced_triton) == model.config.encoder.num_blocks * int(ref["stream_num_chunks"])
+    np.testing.assert_allclose(out.numpy(), ref["stream_out"], atol=1e-4, rtol=0)
+
+
+@pytest.fixture
+def forced_triton_attention(monkeypatch):
+    """Route the encoder's rel-pos attention dispatcher to the Triton launcher (interpreter on CPU); count calls."""
+    calls = []
+
+    def launcher(*args, **kwargs):
+        calls.append(args[1].shape)  # k [B, H, S, d_k]
+        with poison_buffers():
+            return pba.pos_bias_attention_triton(*args, **kwargs)
+
+    monkeypatch.setattr(pba, "pos_bias_attention", launcher)
+    return calls
+
+
+@pytest.mark.parametrize("prefix", list(PREFIXES))
+@torch.inference_mode()
+def test_fixture_encoder_with_triton_attention(model, ref, forced_triton_attention, prefix):
+    """Key-padding masks [B, 1, S] (full context) and chunk masks [B, T, S] (``chunk4_``) through the kernel."""
+    feats, lengths = torch.from_numpy(ref.inputs["feats"]), torch.from_numpy(ref.inputs["feats_lengths"])
+    encoder_out, _ = model.encode(feats, lengths, *PREFIXES[prefix])
+    assert len(forced_triton_attention) == model.config.encoder.num_blocks
+    valid = ref["encoder_out_lens"].tolist()
+    ref.assert_close_valid(encoder_out, f"{prefix}encoder_out", valid, atol=1e-4)
+
+
+@torch.inference_mode()
+def test_fixture_streaming_with_triton_attention(model, ref, forced_triton_attention):
+    """The cached chunk-by-chunk path: keys = cached history + chunk (S = Tc + T), no mask."""
+    out = model.encoder.forward_chunk_by_chunk(ref.features()[0][None], 4)
+    assert len(forced_triton_attention) == model.config.encoder.num_blocks * int(ref["stream_num_chunks"])
+    assert any(k[2] > 4 for k in forced_triton_attention)  # later chunks attend over cached keys too
     np.testing.assert_allclose(out.numpy(), ref["stream_out"], atol=1e-4, rtol=0)
 
 

@@ -205,6 +205,11 @@ def test_engine_bucket_padding_changes_nothing(loaded, expected):
     for row in range(4):
         single = fixture_src(expected, row)
         assert_same(engine.generate(single, options, 10), reference_search(loaded.model, single, options, 10))
+    # one static source buffer per length in a slot, reused when a length comes back
+    lengths = {fixture_src(expected, row).size(1) for row in range(4)}
+    slot = engine.slots[next(key for key in engine.slots if key[1] == 1)]
+    assert set(slot.extra["sources"]) == lengths
+    assert_same(engine.generate(src[:2], options, 10), exact[:2], tol=1e-5)  # bucket 2, after the singles
 
 
 @pytest.mark.parametrize("normalize_before", [False, True])
@@ -364,9 +369,12 @@ def test_cuda_graphed_equals_eager(wmt_model, dtype):
     options = BeamSearchOptions(4, 0.6, nbest=2)
     graphed = _cuda_engine(wmt_model, dtype, graphs=True)
     eager = _cuda_engine(wmt_model, dtype, graphs=False)
-    for _ in range(2):  # the second call replays the captured graph on a reset state
-        assert_same(graphed.generate(src, options, 20), eager.generate(src, options, 20), tol=1e-5)
+    shorter = random_src(5, 9, wmt_model.config.src_vocab_size, seed=12).cuda()
+    for source in (src, src, shorter, src):  # replays on a reset state; one encoder graph per source length
+        assert_same(graphed.generate(source, options, 20), eager.generate(source, options, 20), tol=1e-5)
     assert graphed.slots and all(slot.graph is not None for slot in graphed.slots.values())
+    sources = next(iter(graphed.slots.values())).extra["sources"]
+    assert set(sources) == {16, 9} and all(source.graph is not None for source in sources.values())
 
 
 @pytest.mark.cuda

@@ -6,7 +6,9 @@ Two variants, each a small class:
   Transformer-XL style (Dai et al., arXiv 1901.02860, Section 3.3): learned biases ``u`` (content) and
   ``v`` (position) are added to the query. WeNet's ``rel_pos`` feeds the positional rows of the *keys'*
   absolute positions, so score matrices (a)+(c) and (b)+(d) have the same shape and no ``rel_shift`` is
-  applied (WeNet ``RelPositionMultiHeadedAttention``).
+  applied (WeNet ``RelPositionMultiHeadedAttention``). Scores, masked softmax and the weighted sum run in
+  :func:`turboformer.kernels.pos_bias_attention.pos_bias_attention`: one fused Triton flash-attention kernel
+  on CUDA, WeNet's own two matmuls + fp32 softmax (the reference) elsewhere.
 * :class:`MultiHeadedAttention` -- plain scaled dot-product attention for the decoder (self and cross).
 
 Masks are boolean with ``True`` = may attend, shaped ``[B, 1, S]`` (key padding) or ``[B, T, S]``
@@ -19,6 +21,9 @@ import math
 
 import torch
 from torch import nn
+
+# Called as pba.pos_bias_attention (module attribute), so a test can route it to the Triton launcher on CPU.
+from turboformer.kernels import pos_bias_attention as pba
 
 
 def masked_softmax_attend(scores: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -125,10 +130,7 @@ class RelPositionAttention(nn.Module):
                 v = torch.cat([v_cached, v], dim=2)
             new_cache = torch.cat([k, v], dim=-1)  # [B, H, S, 2 * d_k]
         p = _split_heads(self.linear_pos(pos_emb), self.heads)  # [1, H, S, d_k]
-        q_u = (q + self.pos_bias_u).transpose(1, 2)  # [B, H, T, d_k]
-        q_v = (q + self.pos_bias_v).transpose(1, 2)
-        matrix_ac = torch.matmul(q_u, k.transpose(-2, -1))  # [B, H, T, S] content terms
-        matrix_bd = torch.matmul(q_v, p.transpose(-2, -1))  # [B, H, T, S] position terms
-        scores = (matrix_ac + matrix_bd) / math.sqrt(self.d_k)
-        return self.linear_out(_merge_heads(masked_softmax_attend(scores, v, mask))), new_cache
-
+        # scores ((q + u)·k + (q + v)·p) / sqrt(d_k), masked fp32 softmax, weights @ v: fused flash attention on
+        # CUDA, WeNet's two matmuls + softmax (the reference) elsewhere. [B, T, H, d_k], heads already merged.
+        out = pba.pos_bias_attention(q, k, v, p, self.pos_bias_u, self.pos_bias_v, mask)
+        return self.linear_out(out.view(x.size(0), x.size(1), self.heads * self.d_k)), new_cache

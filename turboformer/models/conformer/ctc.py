@@ -29,7 +29,8 @@ class CTC(nn.Module):
         self.ctc_lo = nn.Linear(d_model, vocab_size)
 
     def forward(self, encoder_out: torch.Tensor) -> torch.Tensor:
-        return F.log_softmax(self.ctc_lo(encoder_out).float(), dim=-1)
+        # the encoder's states may be fp32 (the residual stream of a half-precision encoder): use the projection's dtype
+        return F.log_softmax(self.ctc_lo(encoder_out.to(self.ctc_lo.bias.dtype)).float(), dim=-1)
 
 
 def collapse(path: list[int], blank_id: int) -> tuple[int, ...]:

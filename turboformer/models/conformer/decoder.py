@@ -109,6 +109,7 @@ class TransformerDecoder(nn.Module):
         Returns:
             [N, L, V] logits (before softmax).
         """
+        memory = memory.to(self.embed.weight.dtype)  # fp32 states of a half-precision encoder, or the reverse
         length = tokens.size(1)
         causal = torch.ones(length, length, dtype=torch.bool, device=tokens.device).tril()  # [L, L]
         self_mask = lengths_to_mask(token_lengths, length).unsqueeze(1) & causal  # [N, L, L]
@@ -120,6 +121,7 @@ class TransformerDecoder(nn.Module):
 
     def init_cache(self, memory: torch.Tensor, memory_mask: torch.Tensor, max_len: int) -> DecoderCache:
         """Allocate the static cache for up to ``max_len`` tokens per row and project ``memory`` [N, S, D]."""
+        memory = memory.to(self.embed.weight.dtype)
         rows, d_k = memory.size(0), memory.size(2) // self.heads
         self_k, self_v, src_k, src_v = [], [], [], []
         for layer in self.layers:

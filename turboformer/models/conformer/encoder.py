@@ -23,6 +23,7 @@ from torch import nn
 # Called as dwconv.depthwise_conv1d (module attribute), so a test can route it to the Triton launcher on CPU.
 from turboformer.kernels import depthwise_conv as dwconv
 from turboformer.kernels.depthwise_conv import fold_batch_norm
+from turboformer.kernels.layer_norm import add_layer_norm, layer_norm
 
 from .attention import RelPositionAttention
 from .config import POSITIONAL_ROWS, EncoderConfig
@@ -225,6 +226,8 @@ class ConvolutionModule(nn.Module):
 class ConformerBlock(nn.Module):
     """One pre-norm Conformer block (macaron FFN halves, rel-pos MHSA, optional conv module)."""
 
+    fp32_residual = False  # fp16/bf16 weights: keep the residual stream in fp32 (set by the GPU engine)
+
     def __init__(self, config: EncoderConfig):
         super().__init__()
         d, eps = config.output_size, config.norm_eps
@@ -261,6 +264,8 @@ class ConformerBlock(nn.Module):
         Returns:
             (x [B, T, D], new attention cache or None, new conv cache or None).
         """
+        if self.fp32_residual and self.norm_mha.weight.dtype != torch.float32:
+            return self._forward_low_precision(x, pos_emb, attn_mask, pad_mask, att_cache, cnn_cache)
         if self.feed_forward_macaron is not None:
             x = x + self.ff_scale * self.feed_forward_macaron(self.norm_ff_macaron(x))
         attn, new_att_cache = self.self_attn(self.norm_mha(x), pos_emb, attn_mask, att_cache)
@@ -274,9 +279,45 @@ class ConformerBlock(nn.Module):
             x = self.norm_final(x)
         return x, new_att_cache, new_cnn_cache
 
+    def _forward_low_precision(self, x, pos_emb, attn_mask, pad_mask, att_cache, cnn_cache):
+        """The same block for fp16/bf16 weights with an fp32 residual stream: each LayerNorm reads the fp32
+        stream and writes its output in the weights' dtype; the sub-modules run in that dtype and their outputs
+        are added to the stream in fp32 (a rounded stream accumulates 2 x 12 half-precision roundings of every
+        frame over the AISHELL encoder). Each residual add is fused with the next LayerNorm
+        (:func:`~turboformer.kernels.layer_norm.add_layer_norm`, Triton on CUDA). Returns x in fp32."""
+        dtype = self.norm_mha.weight.dtype
+        x = x.float()
+
+        def norm(module: nn.LayerNorm, out_dtype=dtype) -> torch.Tensor:
+            return layer_norm(x, module.weight, module.bias, module.eps, out_dtype=out_dtype)
+
+        def add_norm(delta: torch.Tensor, module: nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
+            return add_layer_norm(x, delta, module.weight, module.bias, module.eps, out_dtype=dtype)
+
+        if self.feed_forward_macaron is not None:
+            # ff_scale is 0.5 or 1: scaling the half-precision output is exact
+            delta = self.ff_scale * self.feed_forward_macaron(norm(self.norm_ff_macaron))
+            x, h = add_norm(delta, self.norm_mha)
+        else:
+            h = norm(self.norm_mha)
+        attn, new_att_cache = self.self_attn(h, pos_emb, attn_mask, att_cache)
+        new_cnn_cache = None
+        if self.conv_module is not None:
+            x, h = add_norm(attn, self.norm_conv)
+            conv, new_cnn_cache = self.conv_module(h, pad_mask, cnn_cache)
+            x, h = add_norm(conv, self.norm_ff)
+        else:
+            x, h = add_norm(attn, self.norm_ff)
+        x = x + self.ff_scale * self.feed_forward(h)  # fp32 + half -> fp32
+        if self.norm_final is not None:
+            x = norm(self.norm_final, torch.float32)
+        return x, new_att_cache, new_cnn_cache
+
 
 class ConformerEncoder(nn.Module):
     """WeNet ``ConformerEncoder`` (pre-norm): fbank [B, T, F] -> encoder states [B, T', D]."""
+
+    fp32_residual = False  # see ConformerBlock; the engine sets both
 
     def __init__(self, config: EncoderConfig):
         super().__init__()
@@ -289,6 +330,14 @@ class ConformerEncoder(nn.Module):
         self.register_buffer("pos_table", sinusoid_table(POSITIONAL_ROWS, d))  # [rows, D]
         self.layers = nn.ModuleList(ConformerBlock(config) for _ in range(config.num_blocks))
         self.after_norm = nn.LayerNorm(d, eps=config.norm_eps) if config.final_norm else nn.Identity()
+
+    def output_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The final LayerNorm (if any). A half-precision encoder's fp32 residual stream is normalised in fp32 and
+        its states stay fp32: the CTC projection and the decoders cast them to their own weights' dtype."""
+        norm = self.after_norm
+        if self.fp32_residual and isinstance(norm, nn.LayerNorm) and norm.weight.dtype != torch.float32:
+            return layer_norm(x, norm.weight, norm.bias, norm.eps, out_dtype=torch.float32)
+        return norm(x)
 
     def positions(self, offset: int, size: int) -> torch.Tensor:
         """Positional rows [1, size, D] for encoder frames offset .. offset + size - 1."""
@@ -347,7 +396,7 @@ class ConformerEncoder(nn.Module):
         pos_emb = self.positions(0, x.size(1))  # [1, T', D]
         for layer in self.layers:
             x, _, _ = layer(x, pos_emb, attn_mask, valid)
-        return self.after_norm(x), out_lengths
+        return self.output_norm(x), out_lengths
 
     def forward_chunk(
         self,
@@ -399,7 +448,7 @@ class ConformerEncoder(nn.Module):
             new_att.append(kv[:, :, keep_from:])
             if conv is not None:
                 new_cnn.append(conv)
-        x = self.after_norm(x)
+        x = self.output_norm(x)
         new_cnn_cache = torch.stack(new_cnn) if new_cnn else x.new_zeros(0, 0, 0, 0)
         return x, torch.cat(new_att, dim=0), new_cnn_cache
 

@@ -32,6 +32,7 @@ from turboformer.nn.linear import quantize_linears
 from turboformer.runtime.cuda_graphs import bucket_for
 
 from .ctc import ctc_greedy_search
+from .encoder import ConformerBlock, ConformerEncoder
 from .model import ConformerASR
 from .prefix_search import PrefixBeams, ctc_prefix_beam_search_batched
 from .search import rescored_nbest, rescoring_scores
@@ -41,6 +42,7 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 WIDTH_STEP = 16  # rescoring decodes hypotheses padded to a multiple of this many tokens
 # Linears kept in the engine dtype under INT8: they choose the tokens (CTC posteriors, decoder scores).
 KEEP_PRECISE = ("ctc.ctc_lo", "decoder.left_decoder.output_layer", "decoder.right_decoder.output_layer")
+PRECISE_MODULES = ("ctc.", "decoder.")  # fp32 and never quantized in a ``precise`` engine
 
 
 class EngineOptionsError(ValueError):
@@ -55,6 +57,9 @@ class EngineOptions:
     frame_step: int = 128  # feature frames (10 ms) are padded up to a multiple of this (1.28 s buckets)
     cuda_graphs: bool = True  # False: run the same step eagerly
     int8_group: int | None = 32  # int8 scales per 32 input features (None: per output channel)
+    # fp16/bf16 engines: fp32 residual stream in the encoder, CTC projection and both decoders in fp32 (they
+    # score the n-best, whose members can be a few hundredths of a nat apart). False: plain half precision.
+    precise: bool = True
 
     def validate(self) -> None:
         if self.dtype not in DTYPES:
@@ -79,16 +84,33 @@ def fp32_convolutions():
 
 
 def convert_model(
-    model: ConformerASR, dtype: torch.dtype, quantize: str | None, int8_group: int | None = EngineOptions.int8_group
+    model: ConformerASR,
+    dtype: torch.dtype,
+    quantize: str | None,
+    int8_group: int | None = EngineOptions.int8_group,
+    precise: bool = EngineOptions.precise,
 ) -> ConformerASR:
-    """The model in ``dtype`` with fp32 CMVN and BatchNorm statistics, optionally INT8 linears (in place)."""
+    """The model in ``dtype`` with fp32 CMVN and BatchNorm statistics, optionally INT8 linears (in place).
+
+    ``precise`` (half-precision dtypes): the encoder keeps an fp32 residual stream and fp32 output states, the
+    CTC projection and the decoders stay fp32 (and are not quantized). ``precise=False`` is plain PyTorch
+    half precision (every module in ``dtype``), the benchmark's ``torch fp16`` baseline.
+    """
     model.to(dtype)
     model.encoder.global_cmvn.float()  # (x - mean) * istd on log-fbank ~10: fp16 would keep ~3 digits
     for module in model.modules():
         if isinstance(module, nn.BatchNorm1d):
             module.float()  # only folded into the depthwise conv (in float32), never run itself
+    precise = precise and dtype != torch.float32
+    for module in model.encoder.modules():
+        if isinstance(module, (ConformerEncoder, ConformerBlock)):
+            module.fp32_residual = precise
+    if precise:
+        model.ctc.float()
+        model.decoder.float()
     if quantize == "int8":
-        quantize_linears(model, skip=lambda name: name in KEEP_PRECISE, group=int8_group)
+        skip = PRECISE_MODULES if precise else KEEP_PRECISE
+        quantize_linears(model, skip=lambda name: name.startswith(skip), group=int8_group)
     return model
 
 
@@ -112,7 +134,7 @@ class ConformerEngine:
         if self.device.type != "cuda" and (options.dtype != torch.float32 or options.quantize):
             raise EngineOptionsError("float16/bfloat16 and int8 engines need a CUDA device (CPU runs fp32)")
         model = copy.deepcopy(model) if copy_model else model
-        self.model = convert_model(model.eval(), options.dtype, options.quantize, options.int8_group)
+        self.model = convert_model(model.eval(), options.dtype, options.quantize, options.int8_group, options.precise)
         self.config = model.config
         self.graphed = options.cuda_graphs and self.device.type == "cuda"
         self._graphs: dict[tuple, _Graph] = {}

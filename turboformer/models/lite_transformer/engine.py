@@ -69,9 +69,10 @@ from turboformer.models.lite_transformer.model import (
     SinusoidalPositions,
 )
 from turboformer.nn.linear import PackedLinear
-from turboformer.runtime.cuda_graphs import bucket_for
+from turboformer.runtime.cuda_graphs import bucket_for, capture
 
 QUANTIZE = (None, "int8")
+MAX_SOURCE_GRAPHS = 64  # source lengths captured per slot (encoder graphs); further lengths encode eagerly
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -176,9 +177,18 @@ class _Slot:
     cross_lengths: Tensor  # [N] int64, real source tokens of each row
     positions: Tensor  # [N] int64: the step, per row (kv_cache_write reads one per row)
     self_lengths: Tensor  # [N] int64: step + 1
+    beam_rows: Tensor  # [N] int64: the sentence of each row (arange(sentences) repeated beam times)
     graph: object = None
     options: BeamSearchOptions | None = None
     extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Source:
+    """Static source tokens [sentences, S] of one length and the graph that encodes them (None: eager)."""
+
+    tokens: Tensor
+    graph: object = None
 
 
 class LiteTransformerEngine:
@@ -377,8 +387,9 @@ class LiteTransformerEngine:
             H, D = self.cross_heads, self.cross_head_dim
             cross_kv = torch.zeros(len(self.layers), 2, N, H, S, D, dtype=dtype, device=dev)
             long = dict(dtype=torch.long, device=dev)
+            beam_rows = torch.arange(sentences, device=dev).repeat_interleave(beam)
             slot = _Slot(sentences, beam, S, L, state, self_kv, windows, cross_kv,
-                         torch.ones(N, **long), torch.zeros(N, **long), torch.ones(N, **long))  # fmt: skip
+                         torch.ones(N, **long), torch.zeros(N, **long), torch.ones(N, **long), beam_rows)  # fmt: skip
             self.slots[key] = slot
         # the search options that are not shapes (lenpen, min_len, unk penalty, nbest) may change between calls
         slot.state.options = options
@@ -391,41 +402,48 @@ class LiteTransformerEngine:
         if slot.conv_windows is not None:
             slot.conv_windows.zero_()
 
-    def _capture(self, slot: _Slot, max_len: int, warmup: int = 2) -> None:
-        """Warm up on a side stream (Triton compiles, cuBLAS picks its algorithms), then capture one step."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(warmup):
-                self._step(slot)
-        torch.cuda.current_stream().wait_stream(stream)
-        self._reset(slot, max_len)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.graph_pool):
-            self._step(slot)
-        torch.cuda.synchronize()
-        slot.graph = graph
+    def _capture(self, slot: _Slot, max_len: int) -> None:
+        """Capture one step (the warm-up steps run on the search state, which ``generate`` resets afterwards)."""
+        slot.graph = capture(lambda: self._step(slot), self.graph_pool)[0]
 
     # ------------------------------------------------------------------ generation -----------------------------
 
     @torch.inference_mode()
     def encode(self, src_tokens: Tensor, slot: _Slot) -> None:
-        """Encoder once, then the encoder-decoder K/V of every layer into the slot (left-aligned, per beam row)."""
+        """Encoder once, then the encoder-decoder K/V of every layer into the slot (left-aligned, per beam row).
+
+        The sources are copied into a static ``[sentences, S]`` buffer (extra sentences repeat the last real one;
+        rows never interact) and encoded by a CUDA graph per source length S, captured on first use (at most
+        ``MAX_SOURCE_GRAPHS`` lengths per slot; others run eagerly). S is never padded: a padded source encodes
+        differently (see :mod:`.model`), so each length has its own graph."""
         B, S = src_tokens.shape
-        encoder_out = self.model.encoder(src_tokens)
-        out = encoder_out.out  # [B, S, C]
-        if encoder_out.padding_mask is not None:
-            pad = encoder_out.padding_mask
-            order = torch.sort(pad.to(torch.uint8), dim=1, stable=True).indices  # real tokens first, in order
-            out = out.gather(1, order[..., None].expand_as(out))
-            lengths = (~pad).sum(dim=1)
+        self.model.encoder.check(src_tokens)  # ids and shape, on the host, before anything is captured
+        sources = slot.extra.setdefault("sources", {})
+        source = sources.get(S)
+        if source is None:
+            source = _Source(torch.empty(slot.sentences, S, dtype=torch.long, device=self.device))
+            if self.use_graphs and len(sources) < MAX_SOURCE_GRAPHS:
+                source.tokens.copy_(src_tokens[-1:].expand(slot.sentences, S))  # valid ids for the warm-up
+                source.graph = capture(lambda: self._encode_step(slot, source.tokens), self.graph_pool)[0]
+            sources[S] = source
+        source.tokens[:B].copy_(src_tokens)
+        source.tokens[B:].copy_(src_tokens[-1:].expand(slot.sentences - B, S))
+        if source.graph is not None:
+            source.graph.replay()
         else:
-            lengths = torch.full((B,), S, dtype=torch.long, device=self.device)
-        sentence = torch.arange(slot.sentences, device=self.device).clamp(max=B - 1)  # extra ones copy the last
-        rows = sentence.repeat_interleave(slot.beam)  # [N]
-        slot.cross_lengths.copy_(lengths[rows])
+            self._encode_step(slot, source.tokens)
+
+    def _encode_step(self, slot: _Slot, tokens: Tensor) -> None:
+        """Device work of :meth:`encode` for the static sources ``tokens`` [sentences, S]: no host sync."""
+        S = tokens.size(1)
+        pad = tokens.eq(self.padding_idx)  # [sentences, S]; all False without padding (the same as no mask)
+        out = self.model.encoder.encode(tokens, pad).out  # [sentences, S, C]
+        order = torch.sort(pad.to(torch.uint8), dim=1, stable=True).indices  # real tokens first, in order
+        out = out.gather(1, order[..., None].expand_as(out))
+        rows = slot.beam_rows  # [N]: sentence of each beam row
+        slot.cross_lengths.copy_((~pad).sum(dim=1).index_select(0, rows))
         for i, layer in enumerate(self.model.decoder.layers):
-            k, v = layer.cross_attn.project_kv(out)  # [B, H, S, D], the model's own projection (once per batch)
+            k, v = layer.cross_attn.project_kv(out)  # [sentences, H, S, D], the model's own projection
             slot.cross_kv[i, 0, :, :, :S] = k.index_select(0, rows)
             slot.cross_kv[i, 1, :, :, :S] = v.index_select(0, rows)
 

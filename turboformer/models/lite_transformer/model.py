@@ -332,10 +332,19 @@ class Encoder(nn.Module):
 
     def forward(self, src_tokens: Tensor) -> EncoderOutput:
         """src_tokens [B, S] (each row ends with </s>, padded with <pad>) -> EncoderOutput."""
-        _check_tokens(src_tokens, self.embed_tokens.num_embeddings, self.max_positions, "src_tokens")
+        self.check(src_tokens)
         padding_mask = src_tokens.eq(self.padding_idx)
         if not padding_mask.any():
             padding_mask = None
+        return self.encode(src_tokens, padding_mask)
+
+    def check(self, src_tokens: Tensor) -> None:
+        """Raise ValueError for a source batch the encoder cannot take (shape, dtype, ids; one host sync)."""
+        _check_tokens(src_tokens, self.embed_tokens.num_embeddings, self.max_positions, "src_tokens")
+
+    def encode(self, src_tokens: Tensor, padding_mask: Tensor | None) -> EncoderOutput:
+        """The encoder without checks or host syncs (CUDA-graph safe): src_tokens [B, S], padding_mask [B, S]
+        (True at padding) or None. An all-False mask gives the same result as None (every masked_fill is a no-op)."""
         x = self.embed(src_tokens)
         for layer in self.layers:
             x = layer(x, padding_mask)
