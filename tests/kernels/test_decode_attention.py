@@ -178,3 +178,24 @@ def test_whisper_large_v3_shapes(batch, dtype):
     with poison_buffers():
         out = decode_attention_triton(q, k8, v8, k_scale=k_scale, v_scale=v_scale)
     assert_close_to_gold(out, gold, sdpa(q, k_deq.to(dtype), v_deq.to(dtype), None, None))
+
+
+def test_short_cache_plan():
+    """Short caches with many rows take one split of 16-key tiles; long caches and few rows keep the split plan."""
+    from turboformer.kernels.decode_attention import _plan
+
+    cpu = torch.device("cpu")  # 4 "multiprocessors" under the interpreter
+    assert _plan(64 * 8, 32, 62, False, cpu, None, None) == (16, 64, 1, 32, 4)
+    assert _plan(64 * 4, 80, 62, False, cpu, None, None) == (16, 64, 1, 80, 4)
+    assert _plan(64 * 4, 448, 64, False, cpu, None, None)[::4] == (32, 2)  # long cache: the general plan
+    assert _plan(8, 32, 64, False, cpu, None, None)[0] == 64  # few rows: the general plan
+
+
+def test_short_cache_plan_matches_reference():
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(64, 2, 24, generator=g).to(DEVICE)
+    k = torch.randn(64, 2, 40, 24, generator=g).to(DEVICE)
+    v = torch.randn(64, 2, 40, 24, generator=g).to(DEVICE)
+    lengths = torch.randint(1, 41, (64,), generator=g).to(DEVICE)
+    out = decode_attention_triton(q, k, v, lengths)
+    torch.testing.assert_close(out, decode_attention_ref(q, k, v, lengths), atol=2e-5, rtol=2e-5)

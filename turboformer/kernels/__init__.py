@@ -26,6 +26,8 @@ re-exports only the switch, so each op's name keeps naming its module.
 | ``depthwise_conv.py`` | ``depthwise_conv1d`` (+ folded BatchNorm, SiLU; Conformer) |
 | ``rel_pos_attention.py`` | ``rel_pos_attention`` (flash attention + SAM's decomposed rel-pos) |
 | ``pos_bias_attention.py`` | ``pos_bias_attention`` (flash attention + Transformer-XL position bias and mask; Conformer) |
+| ``channel_layer_norm.py`` | ``channel_layer_norm`` (LayerNorm over NCHW channels, optional GELU; SAM upscaler, not yet wired in) |
+| ``mask_head.py`` | ``mask_head`` (ConvTranspose2d k2 s2 + GELU + hypernetwork product, fp32 logits; SAM, not yet wired in) |
 
 Every op's tests run under the interpreter in CI and at real shapes on an H200 (``cuda``-marked tests).
 """
