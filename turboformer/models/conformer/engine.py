@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from turboformer.nn.linear import quantize_linears
-from turboformer.runtime.cuda_graphs import bucket_for
+from turboformer.runtime.cuda_graphs import bucket_for, capture
 
 from .ctc import ctc_greedy_search
 from .encoder import ConformerBlock, ConformerEncoder
@@ -169,20 +169,9 @@ class ConformerEngine:
         def run():
             return self._step(feats, lengths, beam, chunk_size, left_chunks)
 
-        graph = None
+        graph = outputs = None  # eager: computed at every call
         if self.graphed:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # compile the Triton kernels, let cuBLAS pick its algorithms
-                for _ in range(2):
-                    run()
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                outputs = run()
-            torch.cuda.synchronize()
-        else:
-            outputs = None  # eager: computed at every call
+            graph, outputs = capture(run, self._pool)
         self._graphs[key] = _Graph(feats, lengths, outputs, graph)
         return self._graphs[key]
 

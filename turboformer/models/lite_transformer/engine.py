@@ -402,10 +402,6 @@ class LiteTransformerEngine:
         if slot.conv_windows is not None:
             slot.conv_windows.zero_()
 
-    def _capture(self, slot: _Slot, max_len: int) -> None:
-        """Capture one step (the warm-up steps run on the search state, which ``generate`` resets afterwards)."""
-        slot.graph = capture(lambda: self._step(slot), self.graph_pool)[0]
-
     # ------------------------------------------------------------------ generation -----------------------------
 
     @torch.inference_mode()
@@ -420,14 +416,13 @@ class LiteTransformerEngine:
         self.model.encoder.check(src_tokens)  # ids and shape, on the host, before anything is captured
         sources = slot.extra.setdefault("sources", {})
         source = sources.get(S)
-        if source is None:
-            source = _Source(torch.empty(slot.sentences, S, dtype=torch.long, device=self.device))
-            if self.use_graphs and len(sources) < MAX_SOURCE_GRAPHS:
-                source.tokens.copy_(src_tokens[-1:].expand(slot.sentences, S))  # valid ids for the warm-up
-                source.graph = capture(lambda: self._encode_step(slot, source.tokens), self.graph_pool)[0]
-            sources[S] = source
+        new = source is None
+        if new:
+            source = sources[S] = _Source(torch.empty(slot.sentences, S, dtype=torch.long, device=self.device))
         source.tokens[:B].copy_(src_tokens)
         source.tokens[B:].copy_(src_tokens[-1:].expand(slot.sentences - B, S))
+        if new and self.use_graphs and len(sources) <= MAX_SOURCE_GRAPHS:  # warm-up runs on these very sources
+            source.graph = capture(lambda: self._encode_step(slot, source.tokens), self.graph_pool)[0]
         if source.graph is not None:
             source.graph.replay()
         else:
@@ -459,8 +454,8 @@ class LiteTransformerEngine:
         slot = self._slot(sentences, options, S, max_len + 1)
         self.encode(src_tokens, slot)
         if self.use_graphs and slot.graph is None:
-            self._reset(slot, max_len)
-            self._capture(slot, max_len)
+            self._reset(slot, max_len)  # the warm-up steps run on this state; reset again below
+            slot.graph = capture(lambda: self._step(slot), self.graph_pool)[0]
         self._reset(slot, max_len)
         state, check = slot.state, self.options.check_every
         for step in range(max_len + 1):
