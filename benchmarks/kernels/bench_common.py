@@ -32,7 +32,7 @@ def gpu_name() -> str:
     return torch.cuda.get_device_name().replace(" ", "-")
 
 
-def time_us(fn: Callable, make_inputs: Callable[[], Sequence], nbytes: int) -> float:
+def time_us(fn: Callable, make_inputs: Callable[[], Sequence], nbytes: int, rep_ms: int = 200) -> float:
     """Device time of one ``fn(*make_inputs())`` in microseconds: median over replays of a CUDA graph that
     calls ``fn`` once on each of ``n`` input sets (``n * nbytes`` >= 3x the L2 size, at most 64 sets), / n."""
     import triton.testing  # imported here so that the CPU-only exit above needs no triton
@@ -45,7 +45,7 @@ def time_us(fn: Callable, make_inputs: Callable[[], Sequence], nbytes: int) -> f
     with torch.cuda.graph(graph):
         for args in sets:
             fn(*args)
-    return 1e3 * triton.testing.do_bench(graph.replay, warmup=25, rep=200, return_mode="median") / len(sets)
+    return 1e3 * triton.testing.do_bench(graph.replay, warmup=25, rep=rep_ms, return_mode="median") / len(sets)
 
 
 def check(name: str, out: torch.Tensor, ref: torch.Tensor, atol: float, rtol: float) -> None:

@@ -296,11 +296,12 @@ def bench_model(name: str, config: SamConfig, args, device, timer, modeling) -> 
         row["ours_sdpa_bf16"] = bench_encoder(ours, pixels, photos, device, timer, args.repeat, flops,
                                               lambda: attention_backend("sdpa"))
         entry["rows"][batch] = row
-    if upstream is not None:  # the decoder, on the embedding of a real photo
-        photos, pixels = load_images(config, 1, device)
-        embedding = ours.encode_image(pixels)
-        upstream_decoder = upstream.to(device)
-        entry["decoder"] = bench_decoder(ours, upstream_decoder, embedding, args.prompts, device, timer)
+    # the decoder, on the embedding of a real photo (ours alone where segment_anything is not importable)
+    photos, pixels = load_images(config, 1, device)
+    embedding = ours.encode_image(pixels)
+    upstream_decoder = None if upstream is None else upstream.to(device)
+    entry["decoder"] = bench_decoder(ours, upstream_decoder, embedding, args.prompts, device, timer)
+    if upstream is not None:
         upstream.cpu()
     del ours
     _free(device)

@@ -21,6 +21,7 @@ re-exports only the switch, so each op's name keeps naming its module.
 | ``bias_gelu.py`` | ``bias_gelu`` (bias add + exact GELU) |
 | ``decode_attention.py`` | ``decode_attention`` (flash-decoding, fp or int8 KV), ``quantize_kv`` |
 | ``int8_linear.py`` | ``int8_linear`` (weight-only int8), ``quantize_weight`` |
+| ``decode_linear.py`` | ``decode_linear`` (few-row GEMV + LayerNorm prologue, bias/GELU/residual/KV-write epilogue, PDL) |
 | ``kv_cache_write.py`` | ``kv_cache_write`` (one step's K and V into a static cache, per-row columns) |
 | ``dynamic_conv.py`` | ``dynamic_conv``, ``dynamic_conv_step`` (Lite Transformer) |
 | ``depthwise_conv.py`` | ``depthwise_conv1d`` (+ folded BatchNorm, SiLU; Conformer) |

@@ -51,9 +51,10 @@ def test_word_error_rate_counts_edits():
     assert word_error_rate(["Go forward, ten!"], ["go forward ten"]) == 0.0
 
 
-def test_cpu_graph_engine_equals_eager_engine(tiny_en, librivox):
+@pytest.mark.parametrize("fused_rows", [8, 0], ids=["fused-step", "batched-step"])
+def test_cpu_graph_engine_equals_eager_engine(tiny_en, librivox, fused_rows):
     clips = [a for _, a, _ in librivox]
-    engine = _graph_engine(tiny_en, dtype=torch.float32, cuda_graphs=False, buckets=(1, 4, 8))
+    engine = _graph_engine(tiny_en, dtype=torch.float32, cuda_graphs=False, buckets=(1, 4, 8), fused_rows=fused_rows)
     options = TranscribeOptions(temperature=(0.0,), initial_prompt="Sense and Sensibility, by Jane Austen.")
     expected = transcribe_batch(tiny_en.engine, tiny_en.tokenizer, clips, options)
     assert _segments(transcribe_batch(engine, tiny_en.tokenizer, clips, options)) == _segments(expected)
@@ -62,9 +63,12 @@ def test_cpu_graph_engine_equals_eager_engine(tiny_en, librivox):
     assert _segments(transcribe_batch(engine, tiny_en.tokenizer, clips[:3], beam)) == _segments(expected)
 
 
-def test_cpu_int8_engine_stays_close(tiny_en, librivox):
+@pytest.mark.parametrize("fused_rows", [8, 0], ids=["fused-step", "batched-step"])
+def test_cpu_int8_engine_stays_close(tiny_en, librivox, fused_rows):
     clips = [a for _, a, _ in librivox]
-    engine = _graph_engine(tiny_en, dtype=torch.float32, quantize="int8", cuda_graphs=False, buckets=(8,))
+    engine = _graph_engine(
+        tiny_en, dtype=torch.float32, quantize="int8", cuda_graphs=False, buckets=(8,), fused_rows=fused_rows
+    )
     assert engine.layers[0].qkv.weight.dtype == torch.int8 and engine.cross_k.dtype == torch.int8
     fp32 = [r.text for r in transcribe_batch(tiny_en.engine, tiny_en.tokenizer, clips, GREEDY)]
     int8 = [r.text for r in transcribe_batch(engine, tiny_en.tokenizer, clips, GREEDY)]
@@ -125,6 +129,8 @@ def test_buckets_and_options():
         bucket_for(65, (1, 64))
     with pytest.raises(ValueError, match="quantize"):
         EngineOptions(quantize="int4").validate()
+    with pytest.raises(ValueError, match="fused_rows"):
+        EngineOptions(fused_rows=9).validate()
 
 
 # ------------------------------------------------------------------ on the GPU ---------------------------
@@ -148,25 +154,60 @@ BF16_GAP = pytest.mark.xfail(
 )
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize(
-    "dtype, quantize",
-    [pytest.param(*key, marks=BF16_GAP) if key[0] == "bfloat16" else key for key in FIDELITY],
+BATCH1_GAP = pytest.mark.xfail(
+    strict=True,
+    reason="measured on an H200: decoding one clip at a time in fp16 (bf16, INT8 too), card 4 reads 'Queen of "
+    "Clothes' where fp32 CPU (and the GPU at batch 8 or 16) reads 'Cloves', with the fused and with the batched "
+    "decode step alike (a near-tie fed by the batch-1 encoder and prefill); 9 of 10 clips equal, WER unchanged",
 )
-def test_gpu_transcripts_match_fp32_cpu(dtype, quantize, tiny_en, librivox, cards, capsys):
+
+
+def _fidelity_cases():
+    """(dtype, quantize, batch_size) with the measured gaps marked: bf16 everywhere; fp16 at batch 1 (9 of 10 clips,
+    under its 95% bar; INT8's bar is 90%, which batch 1 meets)."""
+    for dtype, quantize in FIDELITY:
+        for batch_size in (16, 1):
+            marks = [BF16_GAP] if dtype == "bfloat16" else []
+            if (dtype, quantize, batch_size) == ("float16", None, 1):
+                marks.append(BATCH1_GAP)
+            yield pytest.param(dtype, quantize, batch_size, marks=marks, id=f"{dtype}-{quantize}-batch{batch_size}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype, quantize, batch_size", list(_fidelity_cases()))
+def test_gpu_transcripts_match_fp32_cpu(dtype, quantize, batch_size, tiny_en, librivox, cards, capsys):
+    """batch_size 16: the 10 clips decode in one bucket of 16 rows (batched GEMM step); 1: one clip at a time
+    (the fused decode_linear step of one-row buckets)."""
     clips = [a for _, a, _ in librivox + cards]
     refs = [r for _, _, r in librivox + cards]
     engine = _graph_engine(tiny_en, "cuda", dtype=getattr(torch, dtype), quantize=quantize)
     cpu = transcribe_batch(tiny_en.engine, tiny_en.tokenizer, clips, GREEDY)
-    gpu = transcribe_batch(engine, tiny_en.tokenizer, clips, GREEDY)
+    options = TranscribeOptions(temperature=(0.0,), batch_size=batch_size)
+    gpu = transcribe_batch(engine, tiny_en.tokenizer, clips, options)
     same = sum(a.text == b.text for a, b in zip(cpu, gpu)) / len(clips)
     wer_cpu = word_error_rate(refs, [r.text for r in cpu])
     wer_gpu = word_error_rate(refs, [r.text for r in gpu])
     with capsys.disabled():
-        print(f"\n{dtype} {quantize}: {same:.0%} of clips equal fp32 CPU; WER {wer_gpu:.3f} vs {wer_cpu:.3f}")
+        print(f"\n{dtype} {quantize} batch {batch_size}: {same:.0%} of clips equal fp32 CPU; "
+              f"WER {wer_gpu:.3f} vs {wer_cpu:.3f}")
     minimum_same, max_wer_gap = FIDELITY[(dtype, quantize)]
     assert same >= minimum_same
     assert abs(wer_gpu - wer_cpu) <= max_wer_gap
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_gpu_fused_step_equals_batched_step(quantize, tiny_en, librivox, cards):
+    """One clip at a time, the fused decode_linear step (LayerNorm, residual and cache write inside each weight
+    stream, PDL launches) against the batched cuBLAS step on the same fp16 engine weights: the same transcripts.
+    (Both differ from fp32 CPU on one card at batch 1: see BATCH1_GAP.)"""
+    clips = [a for _, a, _ in librivox + cards]
+    one = TranscribeOptions(temperature=(0.0,), batch_size=1)
+    texts = {}
+    for fused_rows in (1, 0):
+        engine = _graph_engine(tiny_en, "cuda", dtype=torch.float16, quantize=quantize, fused_rows=fused_rows)
+        texts[fused_rows] = [r.text for r in transcribe_batch(engine, tiny_en.tokenizer, clips, one)]
+    assert texts[1] == texts[0]
 
 
 @pytest.mark.cuda

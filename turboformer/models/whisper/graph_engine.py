@@ -6,14 +6,17 @@ step is captured as a CUDA graph that reads and writes static buffers. A decode 
 ~1,100 kernel launches' worth of work for ~1.85 GB of bytes; replaying it as one graph removes the launch
 gaps, so the step runs at the speed of its memory traffic.
 
-The step (per layer, one token per row, all rows at their own positions):
-    h = LN(x); q,k,v = h @ Wqkv        -> k, v written to the self cache at column pos[b]
+The step (per layer, one token per row, all rows at their own positions), for a bucket of one row (batch 1):
+    q = LN(x) @ Wqkv                    k, v -> self cache column pos[b]      (one decode_linear launch)
     a = decode_attention(q, K[:, :, :pos+1], V[...])             (Triton, split over keys)
-    x, h = x + a @ Wo, LN(.)            (fused residual + LayerNorm, Triton)
-    a = decode_attention(h @ Wq, K_cross, V_cross)              (1500 frames; int8 optional)
-    x, h = x + a @ Wo', LN(.)
-    x, h = x + GELU(h @ W1 + b1) @ W2, LN_next(.)               (bias + GELU fused, Triton)
-    logits = h @ E^T                    (fp32 out)
+    x += a @ Wo                                                   (residual add in the GEMV's epilogue)
+    a = decode_attention(LN(x) @ Wq, K_cross, V_cross)           (1500 frames; int8 optional)
+    x += a @ Wo'
+    x += GELU(LN(x) @ W1 + b1) @ W2                               (two launches)
+    logits = LN(x) @ E^T                (fp32 out)
+Each ``decode_linear`` streams one weight with the LayerNorm in its prologue and the bias, GELU, residual add or
+cache write in its epilogue. Larger buckets run the same arithmetic through batched GEMMs (cuBLAS, or the INT8
+tile kernel) with the residual add + next LayerNorm fused into one Triton kernel (``_decode_batched``).
 Unlike the eager engine, rows are not left-padded here: row b's token goes to cache column ``pos[b]`` and
 attends to columns ``< pos[b] + 1``, so the prefill right-aligns the padded prompts it receives.
 
@@ -31,6 +34,8 @@ import torch.nn.functional as F
 
 from turboformer.kernels.bias_gelu import bias_gelu
 from turboformer.kernels.decode_attention import decode_attention, quantize_kv
+from turboformer.kernels.decode_linear import MAX_ROWS as DECODE_LINEAR_MAX_ROWS
+from turboformer.kernels.decode_linear import KVCache, decode_linear
 from turboformer.kernels.kv_cache_write import kv_cache_write
 from turboformer.kernels.layer_norm import add_layer_norm, layer_norm
 from turboformer.models.whisper.model import Whisper, merge_heads, split_heads
@@ -49,6 +54,12 @@ class EngineOptions:
     # int8 weight scales per 64 input features (None: one per output channel). Measured on the real tiny.en, 10
     # clips, CPU: per-channel scales and groups of 128 change 2 transcripts, groups of 32 or 64 one.
     int8_group: int | None = 64
+    # buckets of at most this many rows decode through the fused GEMV kernels (``decode_linear``: LayerNorm,
+    # bias, GELU, residual add and the KV-cache write fused into each weight stream); larger buckets through
+    # batched tensor-core GEMMs. 0: always batched. Measured on an H200 (benchmarks/ab_decode_step.py, fp16):
+    # large-v3 1.26 vs 2.04 ms/token at 1 row, but 3.03 vs 2.32 at 4 rows and 5.23 vs 2.59 at 8 (each row is
+    # a serial pass over the register-held weight tile); tiny 0.158 vs 0.251 at 1 row, even at 4.
+    fused_rows: int = 1
 
     def validate(self) -> None:
         if self.quantize not in QUANTIZE:
@@ -57,6 +68,8 @@ class EngineOptions:
             raise ValueError(f"dtype must be float16, bfloat16 or float32, got {self.dtype}")
         if self.int8_group is not None and self.int8_group < 1:
             raise ValueError(f"int8_group must be >= 1 or None, got {self.int8_group}")
+        if not 0 <= self.fused_rows <= DECODE_LINEAR_MAX_ROWS:
+            raise ValueError(f"fused_rows must be in 0..{DECODE_LINEAR_MAX_ROWS}, got {self.fused_rows}")
         if not self.buckets or min(self.buckets) < 1:
             raise ValueError(f"buckets must be positive batch sizes, got {self.buckets}")
 
@@ -152,9 +165,42 @@ class GraphEngine:
     def _decode(self, b: int) -> None:
         """One token for rows [:b] from self.tokens/self.pos into self.logits (all static buffers).
 
-        The residual stream x stays fp32 (the fused add + LayerNorm writes h = x + delta in fp32 and the
-        normalised h in the compute dtype): bf16's 8-bit mantissa would otherwise round it at every layer.
+        The residual stream x stays fp32: every sublayer adds its fp32 result into it, and the LayerNorms read
+        it (bf16's 8-bit mantissa would otherwise round it at every layer).
         """
+        if b <= self.options.fused_rows:
+            self._decode_fused(b)
+        else:
+            self._decode_batched(b)
+
+    def _decode_fused(self, b: int) -> None:
+        """One row (or up to ``fused_rows``): each weight is streamed once by ``decode_linear`` with its neighbours
+        fused (10 launches per layer: 6 weight streams, 2 x (attention splits + merge))."""
+        tokens, pos, dtype, int8 = self.tokens[:b], self.pos[:b], self.dtype, self.options.quantize == "int8"
+        lengths = (pos + 1).to(torch.int32)  # keys attended: columns 0..pos
+
+        def linear(x, packed: PackedLinear, bias=None, **fused):
+            bias = packed.bias if bias is None else bias
+            return decode_linear(x, packed.weight, bias, scale=packed.scale, act_dtype=dtype, **fused)
+
+        x = self.embedding[tokens].float() + self.positions[pos].float()  # [b, C] fp32
+        for i, layer in enumerate(self.layers):
+            cache = KVCache(self.self_k[i, :b], self.self_v[i, :b], pos)  # this token's k, v -> column pos[b]
+            q = linear(x, layer.qkv, ln=layer.attn_ln, kv_cache=cache).view(b, self.heads, self.head_dim)
+            a = decode_attention(q, self.self_k[i, :b], self.self_v[i, :b], lengths)
+            linear(a.reshape(b, -1), layer.out, residual=x)
+            q = linear(x, layer.cross_q, ln=layer.cross_ln).view(b, self.heads, self.head_dim)
+            scales = {}
+            if int8:
+                scales = dict(k_scale=self.cross_k_scale[i, :b], v_scale=self.cross_v_scale[i, :b])
+            a = decode_attention(q, self.cross_k[i, :b], self.cross_v[i, :b], None, **scales)
+            linear(a.reshape(b, -1), layer.cross_out, residual=x)
+            g = linear(x, layer.fc1, layer.fc1_bias, ln=layer.mlp_ln, gelu=True)  # [b, 4C]
+            linear(g, layer.fc2, residual=x)
+        self.logits[:b] = decode_linear(x, self.embedding, ln=self.final_ln, out_dtype=torch.float32)
+
+    def _decode_batched(self, b: int) -> None:
+        """Many rows: tensor-core GEMMs (cuBLAS, or the INT8 kernel) with the fused residual add + LayerNorm."""
         tokens, pos, dtype = self.tokens[:b], self.pos[:b], self.dtype
         lengths = (pos + 1).to(torch.int32)  # keys attended: columns 0..pos
         x = self.embedding[tokens].float() + self.positions[pos].float()  # [b, C] fp32
