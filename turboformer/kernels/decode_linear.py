@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from turboformer.kernels import utils
-from turboformer.kernels.int8_linear import _dequantize_tile, dequantize_weight, group_size
+from turboformer.kernels.int8_linear import dequantize_tile, dequantize_weight, group_size
 from turboformer.kernels.utils import KernelInputError, tl, triton
 
 MAX_ROWS = 8  # rows per launch; the engines take their batched (cuBLAS) path above this
@@ -80,7 +80,7 @@ def _decode_linear_kernel(
     w = tl.load(w_ptr + rn.to(tl.int64)[:, None] * stride_wn + k[None, :], mask=n_mask[:, None] & k_mask[None, :],
                 other=0)  # [BLOCK_N, BLOCK_K]  # fmt: skip
     if INT8 and GROUP > 0:
-        w = _dequantize_tile(w, scale_ptr, rn, n_mask, 0, k, k_mask, K, stride_sn, GROUP, BLOCK_N, BLOCK_K, PACKED)
+        w = dequantize_tile(w, scale_ptr, rn, n_mask, 0, k, k_mask, K, stride_sn, GROUP, BLOCK_N, BLOCK_K, PACKED)
     channel_scale = tl.load(scale_ptr + rn, mask=n_mask, other=0.0) if INT8 and GROUP == 0 else 1.0
     bias = tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
     if LN:

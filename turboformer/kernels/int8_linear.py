@@ -33,7 +33,7 @@ GEMV_MAX_M = 2  # up to this many rows, the GEMV kernel beats the tensor-core ti
 
 
 @triton.jit
-def _dequantize_tile(w, scale_ptr, rn, n_mask, k0, rk, k_mask, K, stride_sn,
+def dequantize_tile(w, scale_ptr, rn, n_mask, k0, rk, k_mask, K, stride_sn,
                      GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PACKED: tl.constexpr):
     """A [BLOCK_N, BLOCK_K] int8 tile (columns k0 + rk) times its group scales, in fp32.
 
@@ -71,7 +71,7 @@ def _int8_linear_kernel(
     HAS_BIAS: tl.constexpr,
     SPLIT: tl.constexpr,  # split-K: write fp32 partials for the epilogue kernel
     GROUP: tl.constexpr,  # 0: per-channel scales [N], applied in the epilogue; G: [N, K / G], applied per tile
-    PACKED: tl.constexpr,  # group scales loaded once per group (see _dequantize_tile)
+    PACKED: tl.constexpr,  # group scales loaded once per group (see dequantize_tile)
     DOT_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -98,7 +98,7 @@ def _int8_linear_kernel(
         x = tl.load(x_ptrs + k0 * stride_xk, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(w_ptrs + k0 * stride_wk, mask=n_mask[:, None] & k_mask[None, :], other=0)
         if GROUP > 0:  # group-wise: dequantise the tile (fp32 product, rounded once to the dot dtype)
-            w = _dequantize_tile(w, scale_ptr, rn, n_mask, k0, rk, k_mask, K, stride_sn, GROUP, BLOCK_N, BLOCK_K, PACKED)
+            w = dequantize_tile(w, scale_ptr, rn, n_mask, k0, rk, k_mask, K, stride_sn, GROUP, BLOCK_N, BLOCK_K, PACKED)
         # int8 -> fp16/bf16 is exact (|w| <= 127 < 2^8); products and sums in fp32 on the tensor cores.
         acc = tl.dot(x.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), acc, input_precision="ieee")
 
@@ -153,7 +153,7 @@ def _int8_gemv_kernel(
         w = tl.load(w_ptrs + k0 * stride_wk, mask=n_mask[:, None] & k_mask[None, :], other=0)
         x = tl.load(x_ptr + m * stride_xm + (k0 + rk) * stride_xk, mask=k_mask, other=0.0)
         if GROUP > 0:
-            w = _dequantize_tile(w, scale_ptr, rn, n_mask, k0, rk, k_mask, K, stride_sn, GROUP, BLOCK_N, BLOCK_K, PACKED)
+            w = dequantize_tile(w, scale_ptr, rn, n_mask, k0, rk, k_mask, K, stride_sn, GROUP, BLOCK_N, BLOCK_K, PACKED)
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
     y = tl.sum(acc, axis=1)  # [BLOCK_N]
     if SPLIT:
