@@ -45,6 +45,8 @@ import torch.nn.functional as F
 
 from turboformer.kernels import utils
 from turboformer.kernels.int8_linear import dequantize_tile, dequantize_weight, group_size
+from turboformer.kernels.kv_cache_write import kv_cache_write_ref
+from turboformer.kernels.layer_norm import layer_norm_ref
 from turboformer.kernels.utils import KernelInputError, tl, triton
 
 MAX_ROWS = 8  # rows per launch; the engines take their batched (cuBLAS) path above this
@@ -275,7 +277,7 @@ def decode_linear_ref(
     m, n, k = _check(x, weight, scale, bias, ln, residual, kv_cache, act_dtype)
     act = _act_dtype(x, weight, act_dtype)
     if ln is not None:
-        h = F.layer_norm(x.float(), (k,), ln[0].float(), ln[1].float(), eps).to(act)
+        h = layer_norm_ref(x, *ln, eps, out_dtype=act)
     else:
         h = x.to(act)
     w = dequantize_weight(weight, scale) if weight.dtype == torch.int8 else weight.float()
@@ -289,11 +291,9 @@ def decode_linear_ref(
         return residual
     if kv_cache is not None:
         kc, vc, pos = kv_cache
-        q, key, value = y.split(n // 3, dim=1)
-        rows = torch.arange(m, device=x.device)
-        kc[rows, :, pos] = key.view(m, kc.shape[1], kc.shape[3]).to(kc.dtype)
-        vc[rows, :, pos] = value.view(m, vc.shape[1], vc.shape[3]).to(vc.dtype)
-        y = q
+        y, key, value = y.split(n // 3, dim=1)  # [q | k | v]
+        heads = (m, kc.shape[1], kc.shape[3])
+        kv_cache_write_ref(key.reshape(heads), value.reshape(heads), kc, vc, pos)
     return y.to(out_dtype or act)
 
 

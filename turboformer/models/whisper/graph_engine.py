@@ -176,7 +176,7 @@ class GraphEngine:
     def _decode_fused(self, b: int) -> None:
         """One row (or up to ``fused_rows``): each weight is streamed once by ``decode_linear`` with its neighbours
         fused (10 launches per layer: 6 weight streams, 2 x (attention splits + merge))."""
-        tokens, pos, dtype, int8 = self.tokens[:b], self.pos[:b], self.dtype, self.options.quantize == "int8"
+        tokens, pos, dtype = self.tokens[:b], self.pos[:b], self.dtype
         lengths = (pos + 1).to(torch.int32)  # keys attended: columns 0..pos
 
         def linear(x, packed: PackedLinear, bias=None, **fused):
@@ -190,11 +190,7 @@ class GraphEngine:
             a = decode_attention(q, self.self_k[i, :b], self.self_v[i, :b], lengths)
             linear(a.reshape(b, -1), layer.out, residual=x)
             q = linear(x, layer.cross_q, ln=layer.cross_ln).view(b, self.heads, self.head_dim)
-            scales = {}
-            if int8:
-                scales = dict(k_scale=self.cross_k_scale[i, :b], v_scale=self.cross_v_scale[i, :b])
-            a = decode_attention(q, self.cross_k[i, :b], self.cross_v[i, :b], None, **scales)
-            linear(a.reshape(b, -1), layer.cross_out, residual=x)
+            linear(self._cross_attention(q, i).reshape(b, -1), layer.cross_out, residual=x)
             g = linear(x, layer.fc1, layer.fc1_bias, ln=layer.mlp_ln, gelu=True)  # [b, 4C]
             linear(g, layer.fc2, residual=x)
         self.logits[:b] = decode_linear(x, self.embedding, ln=self.final_ln, out_dtype=torch.float32)
@@ -211,15 +207,19 @@ class GraphEngine:
             a = decode_attention(q, self.self_k[i, :b], self.self_v[i, :b], lengths)
             x, h = add_layer_norm(x, layer.out(a.reshape(b, -1)), *layer.cross_ln, out_dtype=dtype)
             q = layer.cross_q(h).view(b, self.heads, self.head_dim)
-            scales = {}
-            if self.cross_k_scale is not None:
-                scales = dict(k_scale=self.cross_k_scale[i, :b], v_scale=self.cross_v_scale[i, :b])
-            a = decode_attention(q, self.cross_k[i, :b], self.cross_v[i, :b], None, **scales)
+            a = self._cross_attention(q, i)
             x, h = add_layer_norm(x, layer.cross_out(a.reshape(b, -1)), *layer.mlp_ln, out_dtype=dtype)
             delta = layer.fc2(bias_gelu(layer.fc1(h), layer.fc1_bias))
             next_ln = self.layers[i + 1].attn_ln if i + 1 < len(self.layers) else self.final_ln
             x, h = add_layer_norm(x, delta, *next_ln, out_dtype=dtype)
         self.logits[:b] = F.linear(h, self.embedding).float()
+
+    def _cross_attention(self, q: torch.Tensor, layer: int) -> torch.Tensor:
+        """q [b, H, D] over layer's 1500-frame cross K/V of rows [:b] (int8 with their scales when quantized)."""
+        b, scales = q.shape[0], {}
+        if self.cross_k_scale is not None:
+            scales = dict(k_scale=self.cross_k_scale[layer, :b], v_scale=self.cross_v_scale[layer, :b])
+        return decode_attention(q, self.cross_k[layer, :b], self.cross_v[layer, :b], None, **scales)
 
     def _step(self, b: int) -> None:
         self._decode(b)
