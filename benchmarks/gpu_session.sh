@@ -41,7 +41,8 @@ else
   cat $KEEP/tiny_a.bin $(ls .gpudata_b/tiny_b.bin .gpudata/tiny_b.bin 2>/dev/null | head -1) > .gpucache/tiny.en/model.bin
   cp .gpudata/config.json .gpudata/tokenizer.json .gpudata/vocabulary.txt .gpucache/tiny.en/
   export TURBOFORMER_SPEECH_DIR=$PWD/.gpudata/speech TURBOFORMER_TINY_EN_DIR=$PWD/.gpucache/tiny.en
-  python3 -m pytest -p no:cacheprovider -q -rs -s tests/models/whisper/test_graph_engine.py tests/kernels 2>&1 | tee "$OUT/pytest_gpu.log" | grep -v "^\.*$" | tail -30
-  python3 benchmarks/bench_whisper_natural.py --model .gpucache/tiny.en --speech .gpudata/speech --out "$OUT/whisper_natural.json" 2>&1 | grep -v "^\[transformers\]"
+  #   TESTS: pytest paths ("none": skip); MARK: e.g. "cuda" (only the GPU tests); NATURAL: bench_whisper_natural args
+  [ "${TESTS:-}" = none ] || timeout ${TEST_TIMEOUT:-400} python3 -m pytest -p no:cacheprovider -q -rs -s ${TESTS:-tests/models/whisper/test_graph_engine.py tests/kernels} ${MARK:+-m $MARK} 2>&1 | tee "$OUT/pytest_gpu.log" | grep -v "^\.*$" | tail -30
+  timeout ${BENCH_TIMEOUT:-300} python3 benchmarks/bench_whisper_natural.py --model .gpucache/tiny.en --speech .gpudata/speech --out "$OUT/results" ${NATURAL:-} 2>&1 | grep -v "^\[transformers\]" | tail -40
   [ "${PROFILE:-1}" = 0 ] || python3 benchmarks/profile_decode_step.py --model large-v3 --batch 1 > "$OUT/profile.log" 2>&1
 fi

@@ -70,6 +70,9 @@ def add_transcribe_parser(subparsers) -> None:
     p.add_argument("--compression-ratio-threshold", type=_optional_float, default=2.4)
     p.add_argument("--without-timestamps", action="store_true", help="decode text only (one segment per window)")
     p.add_argument("--batch-size", type=int, default=8, help="files decoded together (default: 8)")
+    p.add_argument("--continuous-batching", type=_bool, default=True,
+                   help="GPU, greedy: refill a decoder slot as soon as its window ends instead of waiting for the "
+                        "batch's longest window (default: True; same transcripts)")  # fmt: skip
     p.add_argument("--raw-sample-rate", type=int, default=None, help="sample rate of headerless s16le input")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     p.set_defaults(func=run_transcribe)
@@ -117,6 +120,7 @@ def run_transcribe(args) -> int:
             length_penalty=args.length_penalty,
             without_timestamps=args.without_timestamps,
             batch_size=args.batch_size,
+            continuous_batching=args.continuous_batching,
         )
         options.decoding(args.language).validate()
         dtype = getattr(torch, args.dtype) if args.dtype else None

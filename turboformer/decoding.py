@@ -22,6 +22,11 @@ class LogitFilter:
     def apply(self, logits: torch.Tensor, tokens: torch.Tensor) -> None:
         raise NotImplementedError
 
+    def apply_rows(self, logits: torch.Tensor, sampled: torch.Tensor, counts: torch.Tensor) -> None:
+        """The same edit for rows at different lengths: sampled [B, n] tokens after each row's prompt, of which
+        counts [B] are real (continuous batching, where every row started at its own step)."""
+        raise NotImplementedError
+
 
 class SuppressTokens(LogitFilter):
     def __init__(self, suppress_tokens: Sequence[int]):
@@ -31,6 +36,9 @@ class SuppressTokens(LogitFilter):
         if self.suppress_tokens.device != logits.device:  # moved once, then reused every step
             self.suppress_tokens = self.suppress_tokens.to(logits.device)
         logits.index_fill_(1, self.suppress_tokens, -np.inf)
+
+    def apply_rows(self, logits, sampled, counts):
+        self.apply(logits, sampled)
 
 
 class TokenDecoder:

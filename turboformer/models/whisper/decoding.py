@@ -91,6 +91,14 @@ class SuppressBlank(LogitFilter):
         if tokens.shape[1] == self.sample_begin:
             logits[:, self.suppress] = -np.inf
 
+    def apply_rows(self, logits, sampled, counts):
+        """Per-row form (continuous batching): rows with no sampled token yet (counts [B] == 0). No host-to-
+        device copy per call (the ids move once), so it can run inside a CUDA graph capture."""
+        if not isinstance(self.suppress, torch.Tensor) or self.suppress.device != logits.device:
+            self.suppress = torch.tensor(self.suppress, dtype=torch.long).to(logits.device)
+        first = (counts == 0).to(logits.device)[:, None]
+        logits[:, self.suppress] = logits[:, self.suppress].masked_fill(first, -np.inf)
+
 
 class ApplyTimestampRules(LogitFilter):
     """Timestamps come in pairs (start, end), never decrease, and win when their total mass beats any text token."""
@@ -102,29 +110,41 @@ class ApplyTimestampRules(LogitFilter):
 
     def apply(self, logits, tokens):
         """Vectorised over rows (no host round trip), so it runs where the logits are, GPU included."""
+        sampled = tokens[:, self.sample_begin :]
+        counts = torch.full((tokens.shape[0],), sampled.shape[1], dtype=torch.long, device=tokens.device)
+        self.apply_rows(logits, sampled, counts)
+
+    def apply_rows(self, logits, sampled, counts):
+        """The rules for rows that sampled different numbers of tokens (continuous batching).
+
+        sampled [B, n]: each row's sampled tokens, left-aligned; counts [B]: how many of them are real (the rest is
+        padding). A row with counts 0 gets the first-token rules, the others the rules on their own history.
+        """
         begin, eot = self.special.timestamp_begin, self.special.eot
+        device = logits.device
+        sampled, counts = sampled.to(device), counts.to(device)
         logits[:, self.special.no_timestamps] = -np.inf
-        sampled = tokens[:, self.sample_begin :]  # [B, n]
+        vocab = torch.arange(logits.shape[1], device=device)[None, :]  # [1, V]
         n = sampled.shape[1]
-        vocab = torch.arange(logits.shape[1], device=logits.device)[None, :]  # [1, V]
         if n >= 1:
-            is_stamp = sampled >= begin
-            last_was = is_stamp[:, -1]
-            penultimate_was = is_stamp[:, -2] if n >= 2 else torch.ones_like(last_was)
+            position = torch.arange(n, device=device)
+            is_stamp = (sampled >= begin) & (position[None, :] < counts[:, None])  # [B, n], padding excluded
+            last_was = (counts >= 1) & is_stamp.gather(1, (counts - 1).clamp(min=0)[:, None])[:, 0]
+            penultimate = is_stamp.gather(1, (counts - 2).clamp(min=0)[:, None])[:, 0]
+            penultimate_was = torch.where(counts >= 2, penultimate, torch.ones_like(penultimate))
             # a pair just closed: text (or eot) next; an opening timestamp: its closing one next
             logits.masked_fill_((last_was & penultimate_was)[:, None] & (vocab >= begin), -np.inf)
             logits.masked_fill_((last_was & ~penultimate_was)[:, None] & (vocab < eot), -np.inf)
             # no going back in time, and every segment has a nonzero length
-            position = torch.arange(n, device=tokens.device)
             last_index = torch.where(is_stamp, position, -1).max(dim=1).values  # [B], -1: no timestamp yet
             last_stamp = sampled.gather(1, last_index.clamp(min=0)[:, None])[:, 0]
             bound = torch.where(last_was & ~penultimate_was, last_stamp, last_stamp + 1)
             banned = (vocab >= begin) & (vocab < bound[:, None]) & (last_index >= 0)[:, None]
-            logits.masked_fill_(banned.to(logits.device), -np.inf)
-        else:
-            logits[:, :begin] = -np.inf  # the first sampled token is a timestamp
-            if self.max_initial_timestamp_index is not None:
-                logits[:, begin + self.max_initial_timestamp_index + 1 :] = -np.inf
+            logits.masked_fill_(banned, -np.inf)
+        first = (counts == 0)[:, None]  # the first sampled token is a timestamp
+        logits.masked_fill_(first & (vocab < begin), -np.inf)
+        if self.max_initial_timestamp_index is not None:
+            logits.masked_fill_(first & (vocab > begin + self.max_initial_timestamp_index), -np.inf)
         logprobs = F.log_softmax(logits.float(), dim=-1)
         timestamp_logprob = logprobs[:, begin:].logsumexp(dim=-1)
         max_text_logprob = logprobs[:, :begin].max(dim=-1).values
@@ -176,7 +196,7 @@ class DecodingTask:
         self.sample_len = options.sample_len or self.n_ctx // 2
         self.n_group = options.beam_size or options.best_of or 1
 
-    def _initial_tokens(self, prompt, language: str) -> list[int]:
+    def initial_tokens(self, prompt, language: str) -> list[int]:
         o, tok = self.options, self.tokenizer
         tokens = list(tok.sot_sequence(language if tok.multilingual else None, o.task))
         if o.without_timestamps:
@@ -199,7 +219,7 @@ class DecodingTask:
             generator = torch.Generator().manual_seed(o.seed)
         return GreedyDecoder(o.temperature, self.tokenizer.special.eot, generator)
 
-    def _filters(self, sample_begin: int) -> list[LogitFilter]:
+    def logit_filters(self, sample_begin: int) -> list[LogitFilter]:
         o, filters = self.options, []
         if o.suppress_blank:
             filters.append(SuppressBlank(self.tokenizer, sample_begin))
@@ -227,7 +247,7 @@ class DecodingTask:
                 languages = [max(p, key=p.get) for p in language_probs]
             else:
                 languages = [o.language or "en"] * n_audio
-        rows = [self._initial_tokens(p, lang) for p, lang in zip(prompts, languages)]
+        rows = [self.initial_tokens(p, lang) for p, lang in zip(prompts, languages)]
 
         # left-pad to a common length: every row writes the same cache columns
         width = max(len(r) for r in rows)
@@ -241,7 +261,7 @@ class DecodingTask:
 
         decoder = self._decoder()
         decoder.reset()
-        filters = self._filters(width)
+        filters = self.logit_filters(width)
         logits, at_sot = self.engine.prefill(tokens, sot_rows)
         no_speech_probs = at_sot.float().softmax(dim=-1)[::g, tok.special.no_speech].tolist()
         # the loop runs where the engine's logits are: on a GPU engine no logits cross to the host
@@ -263,23 +283,31 @@ class DecodingTask:
         eot = tok.special.eot
         candidates = [[t[width : _first(t, eot, width)] for t in group] for group in candidates]
         chosen = MaximumLikelihoodRanker(o.length_penalty).rank(candidates, scores)
-        results = []
-        for k in range(n_audio):
-            best = candidates[k][chosen[k]].tolist()
-            text = tok.decode(best).strip()
-            results.append(
-                DecodingResult(
-                    language=languages[k],
-                    tokens=tuple(best),
-                    text=text,
-                    avg_logprob=scores[k][chosen[k]] / (len(best) + 1),
-                    no_speech_prob=no_speech_probs[k],
-                    temperature=o.temperature,
-                    compression_ratio=compression_ratio(text),
-                    language_probs=language_probs[k],
-                )
-            )
-        return results
+        return [
+            window_result(
+                tok, languages[k], candidates[k][chosen[k]].tolist(), scores[k][chosen[k]], no_speech_probs[k],
+                o.temperature, language_probs[k],
+            )  # fmt: skip
+            for k in range(n_audio)
+        ]
+
+
+def window_result(
+    tokenizer: WhisperTokenizer, language: str, tokens: list[int], sum_logprob: float, no_speech_prob: float,
+    temperature: float, language_probs: dict | None = None,
+) -> DecodingResult:  # fmt: skip
+    """One window's result: tokens without the final eot; the mean log-probability counts that eot."""
+    text = tokenizer.decode(tokens).strip()
+    return DecodingResult(
+        language=language,
+        tokens=tuple(tokens),
+        text=text,
+        avg_logprob=sum_logprob / (len(tokens) + 1),
+        no_speech_prob=no_speech_prob,
+        temperature=temperature,
+        compression_ratio=compression_ratio(text),
+        language_probs=language_probs,
+    )
 
 
 def _first(sequence: torch.Tensor, value: int, start: int) -> int:

@@ -154,6 +154,8 @@ class GraphEngine:
         self.suppress = torch.zeros(cfg.n_vocab, dtype=torch.float32, device=self.device)
         self.history = torch.zeros(rows, cfg.n_text_ctx + 1, dtype=torch.long, device=self.device)
         self.rows, self.bucket, self.pads = 0, min(options.buckets), None
+        # graphs that callers capture over these static buffers (continuous batching's token pick), by their key
+        self.graph_cache: dict = {}
 
         graphs = options.cuda_graphs and self.device.type == "cuda"
         self.step_graph = GraphedStep(self._step, options.buckets, graphs)
@@ -243,15 +245,19 @@ class GraphEngine:
         rows = audio_features.shape[0] * n_group
         self.bucket = bucket_for(rows, self.options.buckets)
         self.rows, self.pads = rows, pads.to(torch.long)
+        self._fill_cross(audio_features, torch.arange(rows, device=self.device), n_group)
+        self.tokens.zero_()  # rows past `rows` in the bucket decode harmless garbage at position 0
+        self.pos.zero_()
+
+    def _fill_cross(self, audio_features: torch.Tensor, rows: torch.Tensor, n_group: int = 1) -> None:
+        """Cross-attention K/V of each window [n, T, C] into cache rows ``rows`` (n * n_group of them)."""
         features = audio_features.to(self.device, self.dtype)
         for i, layer in enumerate(self.layers):
             k, v = (split_heads(t, self.heads) for t in layer.cross_kv(features).chunk(2, dim=-1))  # [n, H, T, D]
             k, v = k.repeat_interleave(n_group, dim=0), v.repeat_interleave(n_group, dim=0)
             if self.cross_k_scale is not None:
-                (k, self.cross_k_scale[i, :rows]), (v, self.cross_v_scale[i, :rows]) = quantize_kv(k), quantize_kv(v)
-            self.cross_k[i, :rows], self.cross_v[i, :rows] = k, v
-        self.tokens.zero_()  # rows past `rows` in the bucket decode harmless garbage at position 0
-        self.pos.zero_()
+                (k, self.cross_k_scale[i, rows]), (v, self.cross_v_scale[i, rows]) = quantize_kv(k), quantize_kv(v)
+            self.cross_k[i, rows], self.cross_v[i, rows] = k, v
 
     @torch.inference_mode()
     def prefill(self, tokens: torch.Tensor, sot_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -260,34 +266,39 @@ class GraphEngine:
         lengths = width - self.pads  # [rows]
         columns = torch.arange(width)
         aligned = tokens.gather(1, (columns[None, :] + self.pads[:, None]).clamp(max=width - 1))
-        valid = columns[None, :] < lengths[:, None]  # [rows, L]
-        h = self._prefill_hidden(aligned.to(self.device), valid.to(self.device))  # [rows, L, C] final-LN'd
-        at = torch.arange(rows, device=self.device)
+        return self._prefill_rows(aligned, lengths, sot_index - self.pads, torch.arange(rows, device=self.device))
+
+    def _prefill_rows(self, aligned, lengths, sot_index, rows) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts aligned [n, L] (row r's at columns 0..lengths[r]-1) into cache rows ``rows``; logits at each
+        prompt's last token and at its <|startoftranscript|> (sot_index [n]); pos[rows] = the last column."""
+        width = aligned.shape[1]
+        valid = torch.arange(width)[None, :] < lengths[:, None]  # [n, L]
+        h = self._prefill_hidden(aligned.to(self.device), valid.to(self.device), rows)  # [n, L, C] final-LN'd
+        at = torch.arange(len(rows), device=self.device)
         last = h[at, (lengths - 1).to(self.device)]
-        sot = h[at, (sot_index - self.pads).to(self.device)]
+        sot = h[at, sot_index.to(self.device)]
         logits = F.linear(torch.stack([last, sot]), self.embedding).float()
-        self.pos[:rows] = (lengths - 1).to(self.device)  # the last prompt token's column
+        self.pos[rows] = (lengths - 1).to(self.device)  # the last prompt token's column
         return logits[0], logits[1]
 
-    def _prefill_hidden(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        rows, width = tokens.shape
+    def _prefill_hidden(self, tokens: torch.Tensor, valid: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        width = tokens.shape[1]
         columns = torch.arange(width, device=self.device)
         causal = columns[None, :] <= columns[:, None]  # [L, L]
-        mask = (causal[None] & valid[:, None, :])[:, None]  # [rows, 1, L, L]; column 0 is always valid
+        mask = (causal[None] & valid[:, None, :])[:, None]  # [n, 1, L, L]; column 0 is always valid
         dtype = self.dtype
         x = self.embedding[tokens].float() + self.positions[:width][None].float()  # fp32 residual stream
         for i, layer in enumerate(self.layers):
             h = layer_norm(x, *layer.attn_ln, out_dtype=dtype)
             q, k, v = (split_heads(t, self.heads) for t in layer.qkv(h).chunk(3, dim=-1))
-            self.self_k[i, :rows, :, :width], self.self_v[i, :rows, :, :width] = k, v
+            self.self_k[i, rows, :, :width], self.self_v[i, rows, :, :width] = k, v
             x = x + layer.out(merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask)))
             h = layer_norm(x, *layer.cross_ln, out_dtype=dtype)
             q = split_heads(layer.cross_q(h), self.heads)
+            kc, vc = self.cross_k[i, rows], self.cross_v[i, rows]
             if self.cross_k_scale is not None:
-                kc = self.cross_k[i, :rows].to(self.dtype) * self.cross_k_scale[i, :rows].to(self.dtype)
-                vc = self.cross_v[i, :rows].to(self.dtype) * self.cross_v_scale[i, :rows].to(self.dtype)
-            else:
-                kc, vc = self.cross_k[i, :rows], self.cross_v[i, :rows]
+                kc = kc.to(self.dtype) * self.cross_k_scale[i, rows].to(self.dtype)
+                vc = vc.to(self.dtype) * self.cross_v_scale[i, rows].to(self.dtype)
             x = x + layer.cross_out(merge_heads(F.scaled_dot_product_attention(q, kc, vc)))
             h = layer_norm(x, *layer.mlp_ln, out_dtype=dtype)
             x = x + layer.fc2(bias_gelu(layer.fc1(h), layer.fc1_bias))
@@ -299,6 +310,49 @@ class GraphEngine:
         self.pos[: self.rows] = positions.to(self.device)
         self.step_graph.run(self.bucket)
         return self.logits[: self.rows].clone()  # a copy: the static buffer is rewritten next step
+
+    # ------------------------------------------------------------------ continuous batching (slots) ----
+    # Each cache row is a slot holding one window; a slot is refilled (``start_slots`` + ``prefill_slots``) the
+    # step its sequence ends, while the other slots go on decoding at their own positions (``step_slots``).
+
+    @torch.inference_mode()
+    def start_slots(self, audio_features: torch.Tensor, slots: list[int]) -> None:
+        """The cross-attention K/V of windows [n, T, C] into slots (cache rows) ``slots``."""
+        if len(slots) != audio_features.shape[0] or max(slots) >= self.max_rows or min(slots) < 0:
+            raise ValueError(f"{audio_features.shape[0]} windows for slots {slots} of {self.max_rows}")
+        self._fill_cross(audio_features, torch.tensor(slots, device=self.device))
+
+    @torch.inference_mode()
+    def prefill_slots(self, prompts: list[list[int]], slots: list[int], sot_index: list[int]):
+        """Each slot's prompt (token ids, <|startoftranscript|> at sot_index) at its columns 0..len-1; returns
+        the logits [n, V] at each prompt's last token and at its <|startoftranscript|>."""
+        lengths = torch.tensor([len(p) for p in prompts])
+        if int(lengths.max()) >= self.config.n_text_ctx:
+            raise ValueError(f"a prompt of {int(lengths.max())} tokens leaves no room in {self.config.n_text_ctx}")
+        aligned = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long)
+        for r, prompt in enumerate(prompts):
+            aligned[r, : len(prompt)] = torch.tensor(prompt)
+        rows = torch.tensor(slots, device=self.device)
+        return self._prefill_rows(aligned, lengths, torch.tensor(sot_index), rows)
+
+    @torch.inference_mode()
+    def feed_slots(self, rows, tokens: torch.Tensor) -> None:
+        """The next input of each row (a slice or an index tensor; tokens [n] on the device): its token, at the
+        column after its last one. Device-side only, so it runs inside a caller's CUDA graph."""
+        self.tokens[rows] = tokens
+        # a row that ended at the last column stays idle there: its slot must not step past the context
+        self.pos[rows] = (self.pos[rows] + 1).clamp(max=self.config.n_text_ctx - 1)
+
+    @torch.inference_mode()
+    def step_slots(self, top: int) -> int:
+        """One token for every row of the smallest bucket holding rows [:top], each at its position, from what
+        ``prefill_slots`` and ``feed_slots`` left in the static buffers (no host-to-device copy, which would
+        wait for the GPU); the logits stay in ``self.logits[:bucket]``. Returns the bucket. Idle slots inside it
+        decode garbage into their own rows, which the next prefill of that slot overwrites before anything
+        reads it."""
+        bucket = bucket_for(top, self.options.buckets)
+        self.step_graph.run(bucket)
+        return bucket
 
     @torch.inference_mode()
     def reorder(self, rows: torch.Tensor) -> None:
