@@ -72,3 +72,14 @@ def test_console_script_help():
     command = [exe] if exe else [sys.executable, "-m", "turboformer.cli"]
     out = subprocess.run([*command, "transcribe", "--help"], capture_output=True, text=True, check=True).stdout
     assert "--output-format" in out and "--model" in out
+
+
+@pytest.mark.parametrize("flag, expected", [([], True), (["--continuous-batching", "false"], False)])
+def test_continuous_batching_flag_reaches_the_options(clips, tmp_path, monkeypatch, flag, expected):
+    import turboformer.models.whisper.transcribe as transcribe
+
+    seen = []
+    real = transcribe.transcribe_batch
+    monkeypatch.setattr(transcribe, "transcribe_batch", lambda *a, **k: seen.append(a[3]) or real(*a, **k))
+    code = main(["transcribe", str(clips[0]), "--device", "cpu", "-o", str(tmp_path), "--quiet", *flag])
+    assert code == 0 and [o.continuous_batching for o in seen] == [expected]
