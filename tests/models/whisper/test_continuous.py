@@ -185,3 +185,16 @@ def test_gpu_continuous_equals_lockstep(quantize, tiny_en, librivox, cards, caps
     with capsys.disabled():
         print(f"\ncontinuous vs lockstep ({quantize or 'fp16'}): {same}/{len(clips)} transcripts equal")
     assert same >= len(clips) - 1
+
+
+def test_multilingual_model_detects_then_decodes_continuously(base, librivox):
+    """The multilingual base model: language detection (a lockstep prefill over the same cache rows) runs first,
+    then the windows decode through 2 slots with the detected language: the eager engine's segments."""
+    clips = [librivox[1][1], librivox[4][1]]
+    engine = _Counting(_engine(base, buckets=(1, 2)))
+    options = TranscribeOptions(batch_size=2, temperature=(0.0,))
+    expected = transcribe_batch(base.engine, base.tokenizer, clips, options)
+    got = transcribe_batch(engine, base.tokenizer, clips, options)
+    assert _segments(got) == _segments(expected)
+    assert [r.language for r in got] == [r.language for r in expected] == ["en", "en"]
+    assert engine.calls["prefill"][0] == 1 and engine.calls["step_slots"][0] > 0  # detection, then slots
