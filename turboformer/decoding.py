@@ -55,6 +55,19 @@ class TokenDecoder:
         raise NotImplementedError
 
 
+def sample_tokens(logits: torch.Tensor, temperature, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row drawn from softmax(logits / temperature); temperature a float or a [B, 1] tensor.
+
+    A seeded generator lives on the CPU: then the draw happens there, whatever the logits' device.
+    """
+    if generator is None:
+        return Categorical(logits=logits / temperature).sample()
+    if isinstance(temperature, torch.Tensor):
+        temperature = temperature.cpu()
+    probs = F.softmax(logits.float().cpu() / temperature, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(logits.device)
+
+
 class GreedyDecoder(TokenDecoder):
     """Argmax at temperature 0, otherwise sampling from softmax(logits / temperature)."""
 
@@ -64,11 +77,8 @@ class GreedyDecoder(TokenDecoder):
     def update(self, tokens, logits, sum_logprobs):
         if self.temperature == 0:
             next_tokens = logits.argmax(dim=-1)
-        elif self.generator is None:
-            next_tokens = Categorical(logits=logits / self.temperature).sample()
-        else:  # the seeded generator lives on the CPU: sample there, whatever the logits' device
-            probs = F.softmax(logits.float().cpu() / self.temperature, dim=-1)
-            next_tokens = torch.multinomial(probs, 1, generator=self.generator).squeeze(-1).to(logits.device)
+        else:
+            next_tokens = sample_tokens(logits, self.temperature, self.generator)
         logprobs = F.log_softmax(logits.float(), dim=-1)
         current = logprobs[torch.arange(logprobs.shape[0]), next_tokens]
         finished = tokens[:, -1] == self.eot

@@ -9,29 +9,27 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import pytest
 import torch
+from whisper_references import long_form
 
 from turboformer.models.whisper.continuous import Window, decode_continuous
-from turboformer.models.whisper.decoding import ApplyTimestampRules, DecodingOptions, SuppressBlank
+from turboformer.models.whisper.decoding import (
+    ApplyTimestampRules,
+    DecodingOptions,
+    SuppressBlank,
+)
 from turboformer.models.whisper.graph_engine import EngineOptions, GraphEngine
 from turboformer.models.whisper.transcribe import TranscribeOptions, transcribe_batch
 
 
 def _engine(model, device="cpu", **options):
-    options = dict(dtype=torch.float32, cuda_graphs=False, buckets=(1, 2, 4)) | options
+    options = {"dtype": torch.float32, "cuda_graphs": False, "buckets": (1, 2, 4)} | options
     return GraphEngine(copy.deepcopy(model.model).float(), EngineOptions(**options), device)
 
 
 def _segments(results):
     return [[(s.tokens, s.start, s.end, s.temperature) for s in r.segments] for r in results]
-
-
-def _long_form(clips, silence_s=3.0) -> np.ndarray:
-    """Clips with silence between them: more than one 30 s window, some seeking past silence."""
-    silence = np.zeros(int(16000 * silence_s), np.float32)
-    return np.concatenate([part for clip in clips for part in (clip, silence)])
 
 
 class _Counting:
@@ -93,7 +91,7 @@ def test_row_filters_equal_openai_row_by_row(tiny_en):
 def test_continuous_equals_lockstep_on_real_speech(tiny_en, librivox, cards):
     """10 clips and a 40 s file (two windows, seeking past silence) through 3 slots: the eager engine's lockstep
     segments, timestamps included, in fewer decode steps than lockstep batches of 3 files need."""
-    clips = [a for _, a, _ in librivox + cards] + [_long_form([a for _, a, _ in librivox])]
+    clips = [a for _, a, _ in librivox + cards] + [long_form([a for _, a, _ in librivox], repeats=1)]
     options = TranscribeOptions(batch_size=3)
     expected = transcribe_batch(tiny_en.engine, tiny_en.tokenizer, clips, options)
     continuous = _Counting(_engine(tiny_en))
@@ -102,7 +100,8 @@ def test_continuous_equals_lockstep_on_real_speech(tiny_en, librivox, cards):
     assert [r.text for r in got] == [r.text for r in expected]
     assert sum(len(r.segments) for r in got[-1:]) >= 5 and got[-1].segments[-1].start > 30  # two windows
     lockstep = _Counting(_engine(tiny_en))
-    again = transcribe_batch(lockstep, tiny_en.tokenizer, clips, TranscribeOptions(batch_size=3, continuous_batching=False))
+    off = TranscribeOptions(batch_size=3, continuous_batching=False)
+    again = transcribe_batch(lockstep, tiny_en.tokenizer, clips, off)
     assert _segments(again) == _segments(expected)
     assert "step" not in continuous.calls and "step_slots" not in lockstep.calls
     steps, rows = continuous.calls["step_slots"], lockstep.calls["step"]
@@ -164,7 +163,8 @@ def test_windows_carry_their_own_prompt_and_language(tiny_en, librivox):
         lambda w, r: results.__setitem__(w.owner, r), lambda r: False,
     )  # fmt: skip
     for i, p in enumerate((prompt, None)):
-        alone = decode(tiny_en.engine, tiny_en.tokenizer, tiny_en.engine.encode(mels[i][None]), DecodingOptions(prompt=p))
+        features = tiny_en.engine.encode(mels[i][None])
+        alone = decode(tiny_en.engine, tiny_en.tokenizer, features, DecodingOptions(prompt=p))
         assert results[i].tokens == alone[0].tokens
         assert results[i].avg_logprob == pytest.approx(alone[0].avg_logprob, abs=1e-4)
         assert results[i].no_speech_prob == pytest.approx(alone[0].no_speech_prob, abs=1e-4)
@@ -175,7 +175,7 @@ def test_windows_carry_their_own_prompt_and_language(tiny_en, librivox):
 def test_gpu_continuous_equals_lockstep(quantize, tiny_en, librivox, cards, capsys):
     """fp16 (and INT8) graphs on the GPU: continuous batching through 4 slots against lockstep batches of 4 on
     the same engine; the buckets differ as slots empty, so allow one near-tie among the 11 files."""
-    clips = [a for _, a, _ in librivox + cards] + [_long_form([a for _, a, _ in librivox])]
+    clips = [a for _, a, _ in librivox + cards] + [long_form([a for _, a, _ in librivox], repeats=1)]
     engine = _engine(tiny_en, "cuda", dtype=torch.float16, quantize=quantize, cuda_graphs=True, buckets=(1, 2, 4))
     texts = {}
     for continuous in (True, False):

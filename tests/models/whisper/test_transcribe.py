@@ -12,7 +12,7 @@ import pytest
 import torch
 import whisper
 from whisper.normalizers import EnglishTextNormalizer
-from whisper_references import hf_model
+from whisper_references import hf_model, long_form
 
 from turboformer.audio import log_mel_spectrogram, pad_or_trim
 from turboformer.models.whisper.decoding import DecodingOptions, decode, detect_language
@@ -29,11 +29,6 @@ def _segments_equal(ours, reference: dict):
         assert a.start == pytest.approx(b["start"], abs=1e-6) and a.end == pytest.approx(b["end"], abs=1e-6)
         assert a.avg_logprob == pytest.approx(b["avg_logprob"], abs=1e-3)
         assert a.no_speech_prob == pytest.approx(b["no_speech_prob"], abs=1e-3)
-
-
-def _long_form(clips, repeats=2, silence_s=3.0) -> np.ndarray:
-    silence = np.zeros(int(16000 * silence_s), np.float32)
-    return np.concatenate([part for _ in range(repeats) for clip in clips for part in (clip, silence)])
 
 
 def test_tiny_en_wer_on_librivox(tiny_en, librivox):
@@ -67,7 +62,7 @@ def test_transcripts_equal_hugging_face_generate(tiny_en, tiny_en_checkpoint, li
 
 
 def test_long_form_equals_openai_transcribe(tiny_en, openai_tiny_en, librivox):
-    audio = _long_form([a for _, a, _ in librivox])  # ~79 s: three windows with seeking
+    audio = long_form([a for _, a, _ in librivox])  # ~79 s: three windows with seeking
     assert len(audio) / 16000 > 60
     ours = tiny_en.transcribe(audio, **GREEDY)
     reference = whisper.transcribe(openai_tiny_en, audio, temperature=0.0, fp16=False)
@@ -79,7 +74,7 @@ def test_long_form_equals_openai_transcribe(tiny_en, openai_tiny_en, librivox):
 
 
 def test_beam_search_with_patience_equals_openai(tiny_en, openai_tiny_en, librivox):
-    audio = _long_form([a for _, a, _ in librivox[:2]], repeats=1)
+    audio = long_form([a for _, a, _ in librivox[:2]], repeats=1)
     ours = tiny_en.transcribe(audio, beam_size=4, patience=1.5, **GREEDY)
     reference = whisper.transcribe(openai_tiny_en, audio, temperature=0.0, beam_size=4, patience=1.5, fp16=False)
     _segments_equal(ours, reference)
@@ -103,7 +98,7 @@ def test_decode_options_equal_openai(options, tiny_en, openai_tiny_en, librivox)
 
 
 def test_multilingual_base_detects_language_and_equals_openai(base, openai_base, librivox):
-    audio = _long_form([a for _, a, _ in librivox[3:]], repeats=1)
+    audio = long_form([a for _, a, _ in librivox[3:]], repeats=1)
     ours = base.transcribe(audio, **GREEDY)
     reference = whisper.transcribe(openai_base, audio, temperature=0.0, fp16=False)
     assert ours.language == reference["language"] == "en"
@@ -123,7 +118,7 @@ def test_translate_task_equals_openai(base, openai_base, librivox):
 
 
 def test_batched_equals_one_by_one(tiny_en, librivox, cards, goforward):
-    clips = [a for _, a, _ in librivox[:3] + cards[:2]] + [goforward, _long_form([librivox[3][1]] * 3, 1)]
+    clips = [a for _, a, _ in librivox[:3] + cards[:2]] + [goforward, long_form([librivox[3][1]] * 3, 1)]
     options = TranscribeOptions(batch_size=4, initial_prompt="Sense and Sensibility.", **GREEDY)
     together = tiny_en.transcribe(clips, options)
     for clip, result in zip(clips, together):

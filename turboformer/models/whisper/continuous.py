@@ -33,7 +33,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from turboformer.models.whisper.decoding import DecodingOptions, DecodingResult, DecodingTask, window_result
+from turboformer.decoding import sample_tokens
+from turboformer.models.whisper.decoding import (
+    DecodingOptions,
+    DecodingResult,
+    DecodingTask,
+    window_result,
+)
 from turboformer.models.whisper.tokenizer import WhisperTokenizer
 from turboformer.runtime.cuda_graphs import GraphedStep, bucket_for
 
@@ -79,8 +85,8 @@ class _Picker:
         self.sum_logprobs = torch.zeros(top, dtype=torch.float32, device=device)
         self.next_tokens = torch.zeros(top, dtype=torch.long, device=device)
         graphs = engine.options.cuda_graphs and device.type == "cuda"
-        self.graph = GraphedStep(self._pick_bucket, buckets, graphs)  # captured now (warm-up writes are reset)
-        self.counts.zero_(), self.sum_logprobs.zero_()
+        # captured now; what warm-up and capture write is reset for each row as it enters a slot
+        self.graph = GraphedStep(self._pick_bucket, buckets, graphs)
 
     def choose(self, logits: torch.Tensor, rows) -> torch.Tensor:
         """Filter logits [n, V] (fp32, in place) of rows (a slice or an index tensor), take the argmax, record
@@ -100,12 +106,7 @@ class _Picker:
     def redraw(self, logits: torch.Tensor, index: torch.Tensor, temperatures: list[float], generator) -> torch.Tensor:
         """Rows at a temperature > 0: replace the argmax ``choose`` recorded by a sample of softmax(logits / t)
         (logits [h, V] as filtered, index [h] their slots)."""
-        scaled = logits / torch.tensor(temperatures, device=logits.device)[:, None]
-        if generator is None:
-            drawn = torch.distributions.Categorical(logits=scaled).sample()
-        else:  # the seeded generator lives on the CPU, as in lockstep sampling
-            drawn = torch.multinomial(F.softmax(scaled.cpu(), dim=-1), 1, generator=generator)[:, 0]
-        drawn = drawn.to(logits.device)
+        drawn = sample_tokens(logits, torch.tensor(temperatures, device=logits.device)[:, None], generator)
         logprobs = F.log_softmax(logits, dim=-1)
         at = torch.arange(len(index), device=logits.device)
         last = self.counts[index] - 1

@@ -84,20 +84,25 @@ class SuppressBlank(LogitFilter):
     """No blank (or immediate end) as the first sampled token."""
 
     def __init__(self, tokenizer: WhisperTokenizer, sample_begin: int):
-        self.suppress = tokenizer.encode(" ") + [tokenizer.special.eot]
+        self.suppress = torch.tensor(tokenizer.encode(" ") + [tokenizer.special.eot], dtype=torch.long)
         self.sample_begin = sample_begin
+
+    def _ids(self, device: torch.device) -> torch.Tensor:
+        """The banned ids where the logits are: moved once, then no host-to-device copy per call (so the per-row
+        form can run inside a CUDA graph capture)."""
+        if self.suppress.device != device:
+            self.suppress = self.suppress.to(device)
+        return self.suppress
 
     def apply(self, logits, tokens):
         if tokens.shape[1] == self.sample_begin:
-            logits[:, self.suppress] = -np.inf
+            logits[:, self._ids(logits.device)] = -np.inf
 
     def apply_rows(self, logits, sampled, counts):
-        """Per-row form (continuous batching): rows with no sampled token yet (counts [B] == 0). No host-to-
-        device copy per call (the ids move once), so it can run inside a CUDA graph capture."""
-        if not isinstance(self.suppress, torch.Tensor) or self.suppress.device != logits.device:
-            self.suppress = torch.tensor(self.suppress, dtype=torch.long).to(logits.device)
+        """Per-row form (continuous batching): rows with no sampled token yet (counts [B] == 0)."""
+        ids = self._ids(logits.device)
         first = (counts == 0).to(logits.device)[:, None]
-        logits[:, self.suppress] = logits[:, self.suppress].masked_fill(first, -np.inf)
+        logits[:, ids] = logits[:, ids].masked_fill(first, -np.inf)
 
 
 class ApplyTimestampRules(LogitFilter):
@@ -283,13 +288,12 @@ class DecodingTask:
         eot = tok.special.eot
         candidates = [[t[width : _first(t, eot, width)] for t in group] for group in candidates]
         chosen = MaximumLikelihoodRanker(o.length_penalty).rank(candidates, scores)
-        return [
-            window_result(
-                tok, languages[k], candidates[k][chosen[k]].tolist(), scores[k][chosen[k]], no_speech_probs[k],
-                o.temperature, language_probs[k],
-            )  # fmt: skip
-            for k in range(n_audio)
-        ]
+        results = []
+        for k in range(n_audio):
+            best, score = candidates[k][chosen[k]].tolist(), scores[k][chosen[k]]
+            probs = language_probs[k]
+            results.append(window_result(tok, languages[k], best, score, no_speech_probs[k], o.temperature, probs))
+        return results
 
 
 def window_result(

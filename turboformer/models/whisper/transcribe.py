@@ -16,8 +16,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from turboformer.audio import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, log_mel_spectrogram, pad_or_trim
-from turboformer.models.whisper.continuous import Window, decode_continuous, supports_continuous
+from turboformer.audio import (
+    HOP_LENGTH,
+    N_FRAMES,
+    N_SAMPLES,
+    SAMPLE_RATE,
+    log_mel_spectrogram,
+    pad_or_trim,
+)
+from turboformer.models.whisper.continuous import (
+    Window,
+    decode_continuous,
+    supports_continuous,
+)
 from turboformer.models.whisper.decoding import (
     DecodingOptions,
     DecodingResult,
@@ -245,7 +256,7 @@ def transcribe_batch(
         active = [s for s in states if not s.done][:per_step]
         if not active:
             break
-        sizes = [min(N_FRAMES, s.content_frames - s.seek) for s in active]
+        sizes = [_window_size(s) for s in active]
         mel = torch.stack([_window_mel(s, n) for s, n in zip(active, sizes)])
         prompts = [s.all_tokens[s.prompt_reset_since :] for s in active]
         results = decode_with_fallback(engine, tokenizer, mel, prompts, [s.language for s in active], options)
@@ -264,6 +275,11 @@ def transcribe_batch(
         )
         for s, name in zip(states, names)
     ]
+
+
+def _window_size(state: _FileState) -> int:
+    """Mel frames of content in the file's current window (its seek moves only when the window's result lands)."""
+    return min(N_FRAMES, state.content_frames - state.seek)
 
 
 def _window_mel(state: _FileState, size: int) -> torch.Tensor:
@@ -296,26 +312,25 @@ def _transcribe_continuous(engine, tokenizer, states: list[_FileState], options:
     (its seek and prompt come from that result); among the files ready, the one with most audio left goes
     first, so the longest file does not start last."""
     ready = [s for s in states if not s.done]
-    sizes: dict[int, int] = {}
 
     def take(k: int) -> list[Window]:
         ready.sort(key=lambda s: s.content_frames - s.seek, reverse=True)
         chosen, ready[:] = ready[:k], ready[k:]
-        windows = []
-        for state in chosen:
-            sizes[id(state)] = size = min(N_FRAMES, state.content_frames - state.seek)
-            prompt = state.all_tokens[state.prompt_reset_since :]
-            windows.append(Window(_window_mel(state, size), prompt, state.language, owner=state))
-        return windows
+        return [
+            Window(_window_mel(s, _window_size(s)), s.all_tokens[s.prompt_reset_since :], s.language, owner=s)
+            for s in chosen
+        ]
 
     def finish(window: Window, result: DecodingResult) -> None:
         state = window.owner
-        record(state, result, sizes[id(state)])
+        record(state, result, _window_size(state))
         if not state.done:
             ready.append(state)
 
     decoding = options.decoding(None)  # temperature 0 here; each window's row carries its own temperature
-    needs = lambda result: needs_fallback(result, options)  # noqa: E731
+    def needs(result: DecodingResult) -> bool:
+        return needs_fallback(result, options)
+
     decode_continuous(engine, tokenizer, decoding, options.temperature, slots, take, finish, needs)
 
 
