@@ -38,6 +38,7 @@ from turboformer.kernels.decode_linear import MAX_ROWS as DECODE_LINEAR_MAX_ROWS
 from turboformer.kernels.decode_linear import KVCache, decode_linear
 from turboformer.kernels.kv_cache_write import kv_cache_write
 from turboformer.kernels.layer_norm import add_layer_norm, layer_norm
+from turboformer.models.whisper.encoder_engine import EncoderEngine
 from turboformer.models.whisper.model import Whisper, merge_heads, split_heads
 from turboformer.nn.linear import PackedLinear
 from turboformer.runtime.cuda_graphs import DEFAULT_BUCKETS, GraphedStep, bucket_for
@@ -158,6 +159,8 @@ class GraphEngine:
         self.graph_cache: dict = {}
 
         graphs = options.cuda_graphs and self.device.type == "cuda"
+        # the encoder: fused passes, a graph per bucket captured on first use (the build stays fast)
+        self.encoder = EncoderEngine(self.model.encoder, dtype, options.buckets, self.device, graphs)
         self.step_graph = GraphedStep(self._step, options.buckets, graphs)
         self.greedy_graph = GraphedStep(self._greedy_step, options.buckets, graphs)
         self.build_seconds = time.perf_counter() - started
@@ -238,7 +241,7 @@ class GraphEngine:
 
     @torch.inference_mode()
     def encode(self, mel: torch.Tensor) -> torch.Tensor:
-        return self.model.encoder(mel.to(self.device, self.dtype))
+        return self.encoder(mel)
 
     @torch.inference_mode()
     def start(self, audio_features: torch.Tensor, n_group: int, pads: torch.Tensor) -> None:
