@@ -33,10 +33,7 @@ def median_ms(fn, repeat: int) -> float:
         fn()
     times = []
     for _ in range(repeat):
-        start, end = (
-            torch.cuda.Event(enable_timing=True),
-            torch.cuda.Event(enable_timing=True),
-        )
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
         end.record()
@@ -61,15 +58,10 @@ class GeluEpilogue(EncoderEngine):
         x = F.gelu(F.conv1d(mel, *self.conv1, padding=1))
         x = F.gelu(F.conv1d(x, *self.conv2, stride=2, padding=1))
         x = x.transpose(1, 2).float() + self.positions
-        h = F.layer_norm(
-            x, x.shape[-1:], *(t.float() for t in self.blocks[0].attn_ln), self.eps
-        ).to(dtype)
+        h = F.layer_norm(x, x.shape[-1:], *(t.float() for t in self.blocks[0].attn_ln), self.eps).to(dtype)
         n, t, c = h.shape
         for i, block in enumerate(self.blocks):
-            q, k, v = (
-                split_heads(u, self.heads)
-                for u in F.linear(h, *block.qkv).chunk(3, dim=-1)
-            )
+            q, k, v = (split_heads(u, self.heads) for u in F.linear(h, *block.qkv).chunk(3, dim=-1))
             attention = merge_heads(F.scaled_dot_product_attention(q, k, v))
             x, h = add_layer_norm(
                 x,
@@ -78,12 +70,8 @@ class GeluEpilogue(EncoderEngine):
                 eps=self.eps,
                 out_dtype=dtype,
             )
-            f = torch._addmm_activation(
-                block.fc1_bias, h.view(n * t, c), block.fc1.t(), use_gelu=True
-            )
-            next_ln = (
-                self.blocks[i + 1].attn_ln if i + 1 < len(self.blocks) else self.ln_post
-            )
+            f = torch._addmm_activation(block.fc1_bias, h.view(n * t, c), block.fc1.t(), use_gelu=True)
+            next_ln = self.blocks[i + 1].attn_ln if i + 1 < len(self.blocks) else self.ln_post
             x, h = add_layer_norm(
                 x,
                 linear_fp32_out(f.view(n, t, -1), *block.fc2),
@@ -107,11 +95,7 @@ class CudnnContiguous(EncoderEngine):
 
     def attend(self, qkv):
         n, t, width = qkv.shape
-        q, k, v = (
-            qkv.view(n, t, 3, self.heads, width // (3 * self.heads))
-            .permute(2, 0, 3, 1, 4)
-            .contiguous()
-        )
+        q, k, v = qkv.view(n, t, 3, self.heads, width // (3 * self.heads)).permute(2, 0, 3, 1, 4).contiguous()
         with backend("cudnn"):
             out = F.scaled_dot_product_attention(q, k, v)
         if not hasattr(self, "printed"):
@@ -124,34 +108,18 @@ def backend(name: str):
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    return sdpa_kernel(
-        {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[name]
-    )
+    return sdpa_kernel({"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[name])
 
 
 def gemm_rates(config, batch: int, dtype, repeat: int) -> list[dict]:
     c, m = config.n_audio_state, batch * config.n_audio_ctx
     rows = []
-    for name, n, k in (
-        ("qkv", 3 * c, c),
-        ("out", c, c),
-        ("fc1", 4 * c, c),
-        ("fc2", c, 4 * c),
-    ):
+    for name, n, k in (("qkv", 3 * c, c), ("out", c, c), ("fc1", 4 * c, c), ("fc2", c, 4 * c)):
         a = torch.randn(m, k, device="cuda", dtype=dtype)
         w = torch.randn(n, k, device="cuda", dtype=dtype)
         b = torch.randn(n, device="cuda", dtype=dtype)
         ms = median_ms(lambda: F.linear(a, w, b), repeat)
-        rows.append(
-            {
-                "gemm": name,
-                "m": m,
-                "n": n,
-                "k": k,
-                "ms": ms,
-                "tflops": 2 * m * n * k / ms / 1e9,
-            }
-        )
+        rows.append({"gemm": name, "m": m, "n": n, "k": k, "ms": ms, "tflops": 2 * m * n * k / ms / 1e9})
     heads, dim = config.n_audio_head, c // config.n_audio_head
     q = torch.randn(batch, heads, config.n_audio_ctx, dim, device="cuda", dtype=dtype)
     for name in ("flash", "cudnn"):
@@ -168,17 +136,10 @@ def gemm_rates(config, batch: int, dtype, repeat: int) -> list[dict]:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument(
-        "--cases", nargs="+", default=["large-v3:16", "tiny:1", "large-v3:1"]
-    )
+    parser.add_argument("--cases", nargs="+", default=["large-v3:16", "tiny:1", "large-v3:1"])
     parser.add_argument("--dtype", default="float16")
     parser.add_argument("--repeat", type=int, default=10)
-    parser.add_argument(
-        "--profile",
-        type=int,
-        default=1,
-        help="print the kernel table of the first case",
-    )
+    parser.add_argument("--profile", type=int, default=1, help="print the kernel table of the first case")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
@@ -191,42 +152,23 @@ def main() -> int:
         model = random_model(config, device="cuda", dtype=dtype)
         mel = torch.randn(batch, config.n_mels, 3000, device="cuda", dtype=dtype)
         engine = EncoderEngine(model.encoder, dtype, (batch,), torch.device("cuda"))
-        eager = EncoderEngine(
-            model.encoder, dtype, (batch,), torch.device("cuda"), cuda_graphs=False
-        )
-        epilogue = GeluEpilogue(
-            model.encoder, dtype, (batch,), torch.device("cuda"), cuda_graphs=False
-        )
+        eager = EncoderEngine(model.encoder, dtype, (batch,), torch.device("cuda"), cuda_graphs=False)
+        epilogue = GeluEpilogue(model.encoder, dtype, (batch,), torch.device("cuda"), cuda_graphs=False)
         with torch.inference_mode():
             reference = model.encoder(mel).float()
             timings = {"module": median_ms(lambda: model.encoder(mel), args.repeat)}
             timings["engine-eager"] = median_ms(lambda: eager(mel), args.repeat)
             timings["engine-graphed"] = median_ms(lambda: engine(mel), args.repeat)
-            timings["gelu-epilogue-eager"] = median_ms(
-                lambda: epilogue(mel), args.repeat
-            )
+            timings["gelu-epilogue-eager"] = median_ms(lambda: epilogue(mel), args.repeat)
             errors = {"engine": (engine(mel).float() - reference).abs().max().item(),
                       "gelu-epilogue": (epilogue(mel).float() - reference).abs().max().item()}  # fmt: skip
-            for label, cls in (
-                ("cudnn-strided", CudnnStrided),
-                ("cudnn-contiguous", CudnnContiguous),
-            ):
+            for label, cls in (("cudnn-strided", CudnnStrided), ("cudnn-contiguous", CudnnContiguous)):
                 try:
-                    variant = cls(
-                        model.encoder,
-                        dtype,
-                        (batch,),
-                        torch.device("cuda"),
-                        cuda_graphs=False,
-                    )
+                    variant = cls(model.encoder, dtype, (batch,), torch.device("cuda"), cuda_graphs=False)
                     timings[label] = median_ms(lambda: variant(mel), args.repeat)
-                    errors[label] = (
-                        (variant(mel).float() - reference).abs().max().item()
-                    )
+                    errors[label] = (variant(mel).float() - reference).abs().max().item()
                     graphed = cls(model.encoder, dtype, (batch,), torch.device("cuda"))
-                    timings[label + "-graphed"] = median_ms(
-                        lambda: graphed(mel), args.repeat
-                    )
+                    timings[label + "-graphed"] = median_ms(lambda: graphed(mel), args.repeat)
                 except RuntimeError as e:
                     timings[label] = float("nan")
                     print(label, str(e).splitlines()[0][:200])
@@ -237,20 +179,14 @@ def main() -> int:
             results.append(row)
             print(json.dumps(row, indent=1))
             if args.profile and index == 0:
-                with torch.profiler.profile(
-                    activities=[torch.profiler.ProfilerActivity.CUDA]
-                ) as prof:
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                     eager(mel)
                     torch.cuda.synchronize()
-                table = prof.key_averages().table(
-                    sort_by="cuda_time_total", row_limit=25, max_name_column_width=60
-                )
+                table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60)
                 print(table)
                 if args.out:
                     Path(args.out).mkdir(parents=True, exist_ok=True)
-                    (
-                        Path(args.out) / f"profile_encoder_{name}_b{batch}.txt"
-                    ).write_text(table)
+                    (Path(args.out) / f"profile_encoder_{name}_b{batch}.txt").write_text(table)
         torch.cuda.empty_cache()
     for row in results:
         print(f"\n{row['model']}:{row['batch']} ({row['tflop']:.1f} TFLOP)")
@@ -261,9 +197,7 @@ def main() -> int:
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         gpu = torch.cuda.get_device_name().replace(" ", "-")
-        (Path(args.out) / f"profile_encoder_{gpu}.json").write_text(
-            json.dumps(results, indent=1)
-        )
+        (Path(args.out) / f"profile_encoder_{gpu}.json").write_text(json.dumps(results, indent=1))
     return 0
 
 

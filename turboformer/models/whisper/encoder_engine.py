@@ -43,45 +43,25 @@ def _tensor(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class _Block:
-    """One encoder block's weights in the engine dtype ([out, in] matrices, as F.linear takes them)."""
+    """One encoder block's weights in the engine dtype ([out, in] matrices, as F.linear takes them); the biases of
+    the two matmuls that feed the fp32 residual stream stay fp32."""
 
     def __init__(self, block, dtype: torch.dtype):
-        self.attn_ln = (
-            _tensor(block.attn_ln.weight, dtype),
-            _tensor(block.attn_ln.bias, dtype),
-        )
-        self.qkv = (
-            _tensor(block.attn.qkv.weight, dtype),
-            _tensor(block.attn.qkv.bias, dtype),
-        )  # [3C, C]
-        self.out = (
-            _tensor(block.attn.out.weight, dtype),
-            _tensor(block.attn.out.bias, torch.float32),
-        )
-        self.mlp_ln = (
-            _tensor(block.mlp_ln.weight, dtype),
-            _tensor(block.mlp_ln.bias, dtype),
-        )
-        self.fc1 = _tensor(
-            block.mlp[0].weight, dtype
-        )  # [4C, C], its bias added by bias_gelu
+        self.attn_ln = (_tensor(block.attn_ln.weight, dtype), _tensor(block.attn_ln.bias, dtype))
+        self.qkv = (_tensor(block.attn.qkv.weight, dtype), _tensor(block.attn.qkv.bias, dtype))  # [3C, C]
+        self.out = (_tensor(block.attn.out.weight, dtype), _tensor(block.attn.out.bias, torch.float32))
+        self.mlp_ln = (_tensor(block.mlp_ln.weight, dtype), _tensor(block.mlp_ln.bias, dtype))
+        self.fc1 = _tensor(block.mlp[0].weight, dtype)  # [4C, C], its bias added by bias_gelu
         self.fc1_bias = _tensor(block.mlp[0].bias, dtype)
-        self.fc2 = (
-            _tensor(block.mlp[2].weight, dtype),
-            _tensor(block.mlp[2].bias, torch.float32),
-        )
+        self.fc2 = (_tensor(block.mlp[2].weight, dtype), _tensor(block.mlp[2].bias, torch.float32))
 
 
-def linear_fp32_out(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
-) -> torch.Tensor:
+def linear_fp32_out(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """``x @ weight^T + bias`` returned in fp32, straight from the GEMM's fp32 accumulator: x [..., K] and
     weight [N, K] in the compute dtype, bias [N] fp32. On CUDA one cuBLAS call (``addmm`` with ``out_dtype``);
     elsewhere (CPU tests, fp32) the same arithmetic through F.linear."""
     if x.is_cuda and x.dtype != torch.float32:
-        rows = torch.addmm(
-            bias, x.reshape(-1, x.shape[-1]), weight.t(), out_dtype=torch.float32
-        )
+        rows = torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight.t(), out_dtype=torch.float32)
         return rows.view(*x.shape[:-1], weight.shape[0])
     return F.linear(x.float(), weight.float(), bias)
 
@@ -114,78 +94,42 @@ class EncoderEngine:
         self.buckets = tuple(sorted(set(buckets) | {1}))
         self.heads = encoder.blocks[0].attn.n_head
         self.n_mels = encoder.conv1.in_channels
-        self.n_frames = (
-            2 * encoder.positional_embedding.shape[0]
-        )  # 3000 mel frames -> 1500 positions
+        self.n_frames = 2 * encoder.positional_embedding.shape[0]  # 3000 mel frames -> 1500 positions
         self.eps = encoder.ln_post.eps
-        self.conv1 = (
-            _tensor(encoder.conv1.weight, dtype),
-            _tensor(encoder.conv1.bias, dtype),
-        )  # [C, n_mels, 3]
-        self.conv2 = (
-            _tensor(encoder.conv2.weight, dtype),
-            _tensor(encoder.conv2.bias, dtype),
-        )  # [C, C, 3]
-        self.positions = _tensor(
-            encoder.positional_embedding, torch.float32
-        )  # [1500, C]
+        self.conv1 = (_tensor(encoder.conv1.weight, dtype), _tensor(encoder.conv1.bias, dtype))  # [C, n_mels, 3]
+        self.conv2 = (_tensor(encoder.conv2.weight, dtype), _tensor(encoder.conv2.bias, dtype))  # [C, C, 3]
+        self.positions = _tensor(encoder.positional_embedding, torch.float32)  # [1500, C]
         self.blocks = [_Block(b, dtype) for b in encoder.blocks]
-        self.ln_post = (
-            _tensor(encoder.ln_post.weight, dtype),
-            _tensor(encoder.ln_post.bias, dtype),
-        )
+        self.ln_post = (_tensor(encoder.ln_post.weight, dtype), _tensor(encoder.ln_post.bias, dtype))
         self.graphed = cuda_graphs and self.device.type == "cuda"
         self.pool = torch.cuda.graph_pool_handle() if self.graphed else None
-        self.graphs: dict[
-            int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]
-        ] = {}  # bucket -> (graph, mel, out)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}  # (graph, mel, out)
 
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
         """The encoder, eagerly: mel [n, n_mels, 3000] in the engine dtype -> [n, 1500, C]."""
         dtype = self.dtype
         x = F.gelu(F.conv1d(mel, *self.conv1, padding=1))
         x = F.gelu(F.conv1d(x, *self.conv2, stride=2, padding=1))  # [n, C, 1500]
-        x = (
-            x.transpose(1, 2).float() + self.positions
-        )  # fp32 residual stream [n, 1500, C]
+        x = x.transpose(1, 2).float() + self.positions  # fp32 residual stream [n, 1500, C]
         h = layer_norm(x, *self.blocks[0].attn_ln, eps=self.eps, out_dtype=dtype)
         for i, block in enumerate(self.blocks):
             attention = self.attend(F.linear(h, *block.qkv))  # [n, 1500, C]
-            x, h = add_layer_norm(
-                x,
-                linear_fp32_out(attention, *block.out),
-                *block.mlp_ln,
-                eps=self.eps,
-                out_dtype=dtype,
-            )
+            branch = linear_fp32_out(attention, *block.out)  # [n, 1500, C] fp32
+            x, h = add_layer_norm(x, branch, *block.mlp_ln, eps=self.eps, out_dtype=dtype)
             f = bias_gelu(F.linear(h, block.fc1), block.fc1_bias)  # [n, 1500, 4C]
-            next_ln = (
-                self.blocks[i + 1].attn_ln if i + 1 < len(self.blocks) else self.ln_post
-            )
-            x, h = add_layer_norm(
-                x,
-                linear_fp32_out(f, *block.fc2),
-                *next_ln,
-                eps=self.eps,
-                out_dtype=dtype,
-            )
+            next_ln = self.blocks[i + 1].attn_ln if i + 1 < len(self.blocks) else self.ln_post
+            x, h = add_layer_norm(x, linear_fp32_out(f, *block.fc2), *next_ln, eps=self.eps, out_dtype=dtype)
         return h
 
     def attend(self, qkv: torch.Tensor) -> torch.Tensor:
         """Bidirectional attention of every head: qkv [n, T, 3C] ([q | k | v] along the features) -> [n, T, C]."""
-        q, k, v = (
-            split_heads(t, self.heads) for t in qkv.chunk(3, dim=-1)
-        )  # strided [n, H, T, D] views
+        q, k, v = (split_heads(t, self.heads) for t in qkv.chunk(3, dim=-1))  # strided [n, H, T, D] views
         return merge_heads(F.scaled_dot_product_attention(q, k, v))
 
-    def _graph(
-        self, bucket: int
-    ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
+    def _graph(self, bucket: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
         """The bucket's graph over a static mel buffer, captured on first use (warm-up included)."""
         if bucket not in self.graphs:
-            mel = torch.zeros(
-                bucket, self.n_mels, self.n_frames, dtype=self.dtype, device=self.device
-            )
+            mel = torch.zeros(bucket, self.n_mels, self.n_frames, dtype=self.dtype, device=self.device)
             graph, out = capture(lambda: self.forward(mel), pool=self.pool, warmup=1)
             self.graphs[bucket] = (graph, mel, out)
         return self.graphs[bucket]
@@ -204,8 +148,6 @@ class EncoderEngine:
             graph, static_mel, out = self._graph(bucket)
             static_mel.copy_(mel[start : start + bucket])
             graph.replay()
-            parts.append(
-                out.clone()
-            )  # a copy: the graphs share one memory pool, the next replay may reuse it
+            parts.append(out.clone())  # a copy: the graphs share one memory pool, the next replay may reuse it
             start += bucket
         return parts[0] if len(parts) == 1 else torch.cat(parts)
