@@ -1,6 +1,6 @@
 """Where a decode step's time goes: torch.profiler over one eager step of the graph engine (CUDA).
 
-    python benchmarks/profile_decode_step.py [--model large-v3] [--batch 1]
+    python benchmarks/profile_decode_step.py [--model large-v3] [--batch 1] [--quantize int8]
 Prints the kernels by total GPU time; compare their sum with the graphed step from bench_whisper.py.
 """
 
@@ -23,10 +23,11 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="large-v3")
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--quantize", default=None, choices=[None, "int8"])
     args = parser.parse_args()
     config = WHISPER_CONFIGS[args.model]
     model = random_model(config, device="cuda", dtype=torch.float16)
-    engine = GraphEngine(model, EngineOptions(buckets=(args.batch,), cuda_graphs=False), "cuda")
+    engine = GraphEngine(model, EngineOptions(buckets=(args.batch,), cuda_graphs=False, quantize=args.quantize), "cuda")
     features = engine.encode(torch.randn(args.batch, config.n_mels, 3000, device="cuda"))
     engine.start(features, 1, torch.zeros(args.batch, dtype=torch.long))
     engine.prefill(torch.full((args.batch, 4), 50258), torch.zeros(args.batch, dtype=torch.long))

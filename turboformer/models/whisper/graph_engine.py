@@ -41,9 +41,11 @@ from turboformer.kernels.layer_norm import add_layer_norm, layer_norm
 from turboformer.models.whisper.encoder_engine import EncoderEngine
 from turboformer.models.whisper.model import Whisper, merge_heads, split_heads
 from turboformer.nn.linear import PackedLinear
-from turboformer.runtime.cuda_graphs import DEFAULT_BUCKETS, GraphedStep, bucket_for
+from turboformer.runtime.cuda_graphs import DEFAULT_BUCKETS, GraphedStep, bucket_for, capture
 
 QUANTIZE = (None, "int8")
+# prompt widths a graphed prefill is captured for (a prompt runs padded to the next one; 448 = n_text_ctx)
+PREFILL_WIDTHS = (8, 16, 32, 64, 128, 256, 448)
 
 
 @dataclass(frozen=True)
@@ -161,6 +163,8 @@ class GraphEngine:
         graphs = options.cuda_graphs and self.device.type == "cuda"
         # the encoder: fused passes, a graph per bucket captured on first use (the build stays fast)
         self.encoder = EncoderEngine(self.model.encoder, dtype, options.buckets, self.device, graphs)
+        self.graphed = graphs
+        self.prefill_pool = torch.cuda.graph_pool_handle() if graphs else None  # the prefill graphs' memory
         self.step_graph = GraphedStep(self._step, options.buckets, graphs)
         self.greedy_graph = GraphedStep(self._greedy_step, options.buckets, graphs)
         self.build_seconds = time.perf_counter() - started
@@ -273,15 +277,58 @@ class GraphEngine:
 
     def _prefill_rows(self, aligned, lengths, sot_index, rows) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompts aligned [n, L] (row r's at columns 0..lengths[r]-1) into cache rows ``rows``; logits at each
-        prompt's last token and at its <|startoftranscript|> (sot_index [n]); pos[rows] = the last column."""
-        width = aligned.shape[1]
-        valid = torch.arange(width)[None, :] < lengths[:, None]  # [n, L]
-        h = self._prefill_hidden(aligned.to(self.device), valid.to(self.device), rows)  # [n, L, C] final-LN'd
-        at = torch.arange(len(rows), device=self.device)
-        last = h[at, (lengths - 1).to(self.device)]
-        sot = h[at, sot_index.to(self.device)]
+        prompt's last token and at its <|startoftranscript|> (sot_index [n]); pos[rows] = the last column.
+
+        With CUDA graphs, through one graph per (row bucket, width bucket), captured on first use: the prompts
+        are padded to the width bucket (padding columns are masked keys, their K/V land past each prompt's
+        last column, where decoding overwrites them before reading) and the rows to the row bucket by repeating
+        the first row (identical values written twice to the same cache row). Lockstep and slot prefills both
+        come here, so their arithmetic is the same."""
+        n, width = aligned.shape
+        lengths, sot_index = lengths.to(self.device), sot_index.to(self.device)
+        if not self.graphed or n > self.max_rows or width > PREFILL_WIDTHS[-1]:
+            return self._prefill_device(aligned.to(self.device), lengths, sot_index, rows)
+        n_bucket = bucket_for(n, self.options.buckets)
+        width_bucket = next(w for w in PREFILL_WIDTHS if w >= width)
+        key = ("prefill", n_bucket, width_bucket)
+        fresh = key not in self.graph_cache
+        if fresh:  # [graph, static inputs (tokens, lengths, sot index, cache rows), static outputs]
+            self.graph_cache[key] = [None, self._prefill_inputs(n_bucket, width_bucket), None]
+        entry = self.graph_cache[key]
+        self._pad_prefill_inputs(entry[1], aligned, lengths, sot_index, rows)
+        if fresh:  # the warm-up inside ``capture`` runs this very prefill (idempotent), so no row is clobbered
+            entry[0], entry[2] = capture(lambda: self._prefill_device(*entry[1]), self.prefill_pool, warmup=1)
+        entry[0].replay()
+        last, sot = entry[2]
+        return last[:n].clone(), sot[:n].clone()
+
+    def _prefill_inputs(self, n: int, width: int) -> tuple[torch.Tensor, ...]:
+        """Static prefill inputs for n rows of ``width`` columns: tokens [n, width], lengths, sot index, rows [n]."""
+        zeros = [torch.zeros(n, dtype=torch.long, device=self.device) for _ in range(3)]
+        return (torch.zeros(n, width, dtype=torch.long, device=self.device), *zeros)
+
+    def _pad_prefill_inputs(self, static, aligned, lengths, sot_index, rows) -> None:
+        """Copy n prompts into larger static inputs: columns past the prompts hold token 0, rows past n repeat
+        row 0 (same tokens, same cache row: the padded rows write row 0's values again)."""
+        tokens, static_lengths, static_sot, static_rows = static
+        n, width = aligned.shape
+        fill = torch.arange(tokens.shape[0], device=self.device)
+        fill[n:] = 0
+        tokens.zero_()
+        tokens[:, :width] = aligned.to(self.device)[fill]
+        static_lengths.copy_(lengths[fill])
+        static_sot.copy_(sot_index[fill])
+        static_rows.copy_(rows.to(self.device)[fill])
+
+    def _prefill_device(self, tokens, lengths, sot_index, rows) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prefill on device tensors only (tokens [n, L], lengths, sot_index, rows [n]): capturable."""
+        width = tokens.shape[1]
+        valid = torch.arange(width, device=self.device)[None, :] < lengths[:, None]  # [n, L]
+        h = self._prefill_hidden(tokens, valid, rows)  # [n, L, C] final-LN'd
+        at = torch.arange(tokens.shape[0], device=self.device)
+        last, sot = h[at, lengths - 1], h[at, sot_index]
         logits = F.linear(torch.stack([last, sot]), self.embedding).float()
-        self.pos[rows] = (lengths - 1).to(self.device)  # the last prompt token's column
+        self.pos[rows] = lengths - 1  # the last prompt token's column
         return logits[0], logits[1]
 
     def _prefill_hidden(self, tokens: torch.Tensor, valid: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
