@@ -24,8 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from turboformer.kernels.layer_norm import add_layer_norm  # noqa: E402
 from turboformer.models.whisper.config import WHISPER_CONFIGS  # noqa: E402
 from turboformer.models.whisper.convert import random_model  # noqa: E402
-from turboformer.models.whisper.encoder_engine import EncoderEngine, linear_fp32_out  # noqa: E402
+from turboformer.models.whisper.encoder_engine import EncoderEngine  # noqa: E402
 from turboformer.models.whisper.model import merge_heads, split_heads  # noqa: E402
+from turboformer.nn.linear import linear_fp32_out  # noqa: E402
 
 
 def median_ms(fn, repeat: int) -> float:

@@ -11,6 +11,21 @@ from torch import nn
 from turboformer.kernels.int8_linear import int8_linear, quantize_weight
 
 
+def linear_fp32_out(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ weight^T + bias`` returned in fp32, straight from the GEMM's fp32 accumulator (not rounded to the
+    compute dtype first): for the matmuls whose results join an fp32 residual stream. x [..., K] and weight [N, K]
+    in the compute dtype, bias [N] fp32 or None. On CUDA one cuBLAS call (``addmm``/``mm`` with ``out_dtype``);
+    elsewhere (CPU, fp32) the same arithmetic through F.linear."""
+    if x.is_cuda and x.dtype != torch.float32:
+        rows = x.reshape(-1, x.shape[-1])
+        if bias is None:
+            out = torch.mm(rows, weight.t(), out_dtype=torch.float32)
+        else:
+            out = torch.addmm(bias, rows, weight.t(), out_dtype=torch.float32)
+        return out.view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x.float(), weight.float(), bias)
+
+
 class PackedLinear:
     """``y = x @ W^T + b`` with W stored once at build: in the engine dtype, or as int8 + per-row fp32 scales.
 

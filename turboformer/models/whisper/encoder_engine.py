@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from turboformer.kernels.bias_gelu import bias_gelu
 from turboformer.kernels.layer_norm import add_layer_norm, layer_norm
 from turboformer.models.whisper.model import AudioEncoder, merge_heads, split_heads
+from turboformer.nn.linear import linear_fp32_out
 from turboformer.runtime.cuda_graphs import capture
 
 
@@ -54,16 +55,6 @@ class _Block:
         self.fc1 = _tensor(block.mlp[0].weight, dtype)  # [4C, C], its bias added by bias_gelu
         self.fc1_bias = _tensor(block.mlp[0].bias, dtype)
         self.fc2 = (_tensor(block.mlp[2].weight, dtype), _tensor(block.mlp[2].bias, torch.float32))
-
-
-def linear_fp32_out(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``x @ weight^T + bias`` returned in fp32, straight from the GEMM's fp32 accumulator: x [..., K] and
-    weight [N, K] in the compute dtype, bias [N] fp32. On CUDA one cuBLAS call (``addmm`` with ``out_dtype``);
-    elsewhere (CPU tests, fp32) the same arithmetic through F.linear."""
-    if x.is_cuda and x.dtype != torch.float32:
-        rows = torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight.t(), out_dtype=torch.float32)
-        return rows.view(*x.shape[:-1], weight.shape[0])
-    return F.linear(x.float(), weight.float(), bias)
 
 
 def split_into_buckets(n: int, buckets: Sequence[int]) -> list[int]:
