@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from turboformer.benchmark import common  # noqa: E402
 from turboformer.kernels.layer_norm import add_layer_norm  # noqa: E402
 from turboformer.models.whisper.config import WHISPER_CONFIGS  # noqa: E402
 from turboformer.models.whisper.convert import random_model  # noqa: E402
@@ -30,17 +31,7 @@ from turboformer.nn.linear import linear_fp32_out  # noqa: E402
 
 
 def median_ms(fn, repeat: int) -> float:
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    return common.median_ms(fn, repeat, "cuda", warmup=2)
 
 
 def encoder_flops(config, batch: int) -> float:
