@@ -66,3 +66,43 @@ class GraphedStep:
             self.graphs[bucket].replay()
         else:
             self.step(bucket)
+
+
+def copy_padded(static: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:
+    """Each ``value [n, ...]`` into the leading corner of its larger ``static`` buffer (the rest of a row zeroed);
+    the buffer's rows past n get row 0 again, so a graph over a row bucket redoes row 0's work there (writing the
+    same values to the same place) instead of touching anything else."""
+    for buffer, value in zip(static, values, strict=True):
+        if buffer.shape[1:] != value.shape[1:]:
+            buffer.zero_()
+        fill = torch.arange(buffer.shape[0], device=value.device)
+        fill[value.shape[0] :] = 0
+        buffer[(slice(None), *(slice(0, size) for size in value.shape[1:]))] = value[fill]
+
+
+class PaddedGraphs:
+    """``fn(*inputs)`` captured once per key over static inputs of fixed (bucketed) shapes, on the key's first
+    call: ``run`` pads the call's inputs into the key's buffers (``copy_padded``) and replays. The capture's
+    warm-up runs ``fn`` on the real inputs, so ``fn`` must be idempotent (a cache fill, a prefill, a pure
+    function) and the first call needs no dummy data that could clobber live state. Graphs share one memory
+    pool: callers copy what they keep out of the returned static outputs before the next replay."""
+
+    def __init__(self):
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[object, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...], object]] = {}
+
+    def keys(self) -> list:
+        return list(self.graphs)
+
+    def run(self, key, fn: Callable[..., object], values: Sequence[torch.Tensor], shapes: Sequence[tuple[int, ...]]):
+        """Replay the graph of ``key`` (capturing it first if new) on ``values`` padded to ``shapes``; returns
+        the graph's static outputs (what ``fn`` returned at capture)."""
+        entry = self.graphs.get(key)
+        static = entry[1] if entry else tuple(torch.zeros(shape, dtype=v.dtype, device=v.device)
+                                              for v, shape in zip(values, shapes, strict=True))  # fmt: skip
+        copy_padded(static, values)
+        if entry is None:
+            graph, outputs = capture(lambda: fn(*static), self.pool, warmup=1)
+            entry = self.graphs[key] = (graph, static, outputs)
+        entry[0].replay()
+        return entry[2]

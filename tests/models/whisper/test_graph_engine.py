@@ -19,7 +19,7 @@ from turboformer.eval.metrics import error_rate
 from turboformer.models.whisper.engine import EagerEngine
 from turboformer.models.whisper.graph_engine import EngineOptions, GraphEngine
 from turboformer.models.whisper.transcribe import TranscribeOptions, transcribe_batch
-from turboformer.runtime.cuda_graphs import bucket_for
+from turboformer.runtime.cuda_graphs import bucket_for, copy_padded
 
 GREEDY = TranscribeOptions(temperature=(0.0,))
 
@@ -139,9 +139,9 @@ def test_cpu_padded_prefill_equals_unpadded(tiny_en, librivox):
         aligned[r, : len(prompt)] = torch.tensor(prompt)
     rows, sot = torch.tensor([2, 0, 3]), torch.zeros(3, dtype=torch.long)
     want_last, want_sot = engines[0]._prefill_device(aligned, lengths, sot, rows)
-    static = engines[1]._prefill_inputs(4, 8)
-    engines[1]._pad_prefill_inputs(static, aligned, lengths, sot, rows)
-    assert static[0].shape == (4, 8) and static[3].tolist() == [2, 0, 3, 2] and static[1].tolist() == [2, 5, 1, 2]
+    static = (torch.full((4, 8), 99), *(torch.zeros(4, dtype=torch.long) for _ in range(3)))
+    copy_padded(static, (aligned, lengths, sot, rows))  # as PaddedGraphs.run pads a prefill graph's inputs
+    assert static[3].tolist() == [2, 0, 3, 2] and static[1].tolist() == [2, 5, 1, 2] and (static[0][:, 5:] == 0).all()
     last, at_sot = engines[1]._prefill_device(*static)
     assert (last[:3] - want_last).abs().max() < 1e-4 and (at_sot[:3] - want_sot).abs().max() < 1e-4
     assert torch.equal(last[3], last[0])  # the repeated row
@@ -150,6 +150,13 @@ def test_cpu_padded_prefill_equals_unpadded(tiny_en, librivox):
             a, b = getattr(engines[0], cache), getattr(engines[1], cache)
             assert (a[:, row, :, :length] - b[:, row, :, :length]).abs().max() < 1e-5
     assert engines[1].pos.tolist() == engines[0].pos.tolist() == [4, -7, 1, 0]
+
+
+def test_copy_padded_repeats_row_zero():
+    tokens, rows = torch.full((4, 6), -1), torch.full((4,), -1)
+    copy_padded((tokens, rows), (torch.tensor([[5, 6], [7, 8], [9, 10]]), torch.tensor([2, 0, 3])))
+    assert rows.tolist() == [2, 0, 3, 2]
+    assert tokens[:, :2].tolist() == [[5, 6], [7, 8], [9, 10], [5, 6]] and (tokens[:, 2:] == 0).all()
 
 
 def test_buckets_and_options():
@@ -250,22 +257,26 @@ def test_gpu_graphs_equal_eager_step_and_have_no_nan(tiny_en, librivox):
 
 @pytest.mark.cuda
 def test_gpu_graphed_prefill_equals_eager_prefill(tiny_en, librivox):
-    """Slot prefills through the captured graphs (3 prompts padded to 4 rows x 8 columns) against the same
-    prefill run eagerly on the GPU: the same logits up to fp16 rounding, the same argmax, the same positions;
-    a second call replays the graph and gives bitwise the first call's logits."""
+    """Slot entries through the captured graphs (cross K/V of 3 windows padded to 4 rows; 3 prompts padded to 4
+    rows x 8 columns) against the same entries run eagerly on the GPU: the same cross K/V, the same logits up to
+    fp16 rounding, the same argmax, the same positions; a second call replays the graph and gives bitwise the
+    first call's logits."""
     mels = torch.stack([pad_or_trim(log_mel_spectrogram(a, 80), 3000) for _, a, _ in librivox[:3]])
     prompts = [[50257, 50362], [50257, 50362, 440, 1049, 1075], [50257]]
-    results = {}
+    results, cross = {}, {}
     for graphs in (True, False):
         engine = _graph_engine(tiny_en, "cuda", dtype=torch.float16, buckets=(1, 2, 4), cuda_graphs=graphs)
         engine.start_slots(engine.encode(mels), [2, 0, 1])
+        cross[graphs] = engine.cross_k[:, :3].clone(), engine.cross_v[:, :3].clone()
         results[graphs] = engine.prefill_slots(prompts, [2, 0, 1], [0, 0, 0]), engine.pos[:3].tolist()
         if graphs:
-            assert ("prefill", 4, 8) in engine.graph_cache
+            assert {("prefill", 4, 8), ("cross", 4)} <= set(engine.entry_graphs.keys())
             again = engine.prefill_slots(prompts, [2, 0, 1], [0, 0, 0])
             assert all(torch.equal(a, b) for a, b in zip(again, results[True][0]))
     (graphed, graphed_pos), (eager, eager_pos) = results[True], results[False]
     assert graphed_pos == eager_pos == [4, 0, 1]
+    for a, b in zip(cross[True], cross[False]):
+        assert (a.float() - b.float()).abs().max().item() <= 2e-3 * b.float().abs().max().item()  # ~1 fp16 ulp
     for a, b in zip(graphed, eager):
         assert torch.isfinite(a).all() and (a - b).abs().max().item() < 0.05
         assert torch.equal(a.argmax(-1), b.argmax(-1))

@@ -36,7 +36,7 @@ from turboformer.kernels.bias_gelu import bias_gelu
 from turboformer.kernels.layer_norm import add_layer_norm, layer_norm
 from turboformer.models.whisper.model import AudioEncoder, merge_heads, split_heads
 from turboformer.nn.linear import linear_fp32_out
-from turboformer.runtime.cuda_graphs import capture
+from turboformer.runtime.cuda_graphs import PaddedGraphs
 
 
 def _tensor(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -92,9 +92,8 @@ class EncoderEngine:
         self.positions = _tensor(encoder.positional_embedding, torch.float32)  # [1500, C]
         self.blocks = [_Block(b, dtype) for b in encoder.blocks]
         self.ln_post = (_tensor(encoder.ln_post.weight, dtype), _tensor(encoder.ln_post.bias, dtype))
-        self.graphed = cuda_graphs and self.device.type == "cuda"
-        self.pool = torch.cuda.graph_pool_handle() if self.graphed else None
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}  # (graph, mel, out)
+        # one graph per bucket, captured on its first use; None: eager
+        self.graphs = PaddedGraphs() if cuda_graphs and self.device.type == "cuda" else None
 
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
         """The encoder, eagerly: mel [n, n_mels, 3000] in the engine dtype -> [n, 1500, C]."""
@@ -117,14 +116,6 @@ class EncoderEngine:
         q, k, v = (split_heads(t, self.heads) for t in qkv.chunk(3, dim=-1))  # strided [n, H, T, D] views
         return merge_heads(F.scaled_dot_product_attention(q, k, v))
 
-    def _graph(self, bucket: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
-        """The bucket's graph over a static mel buffer, captured on first use (warm-up included)."""
-        if bucket not in self.graphs:
-            mel = torch.zeros(bucket, self.n_mels, self.n_frames, dtype=self.dtype, device=self.device)
-            graph, out = capture(lambda: self.forward(mel), pool=self.pool, warmup=1)
-            self.graphs[bucket] = (graph, mel, out)
-        return self.graphs[bucket]
-
     @torch.inference_mode()
     def __call__(self, mel: torch.Tensor) -> torch.Tensor:
         if mel.dim() != 3 or mel.shape[1:] != (self.n_mels, self.n_frames):
@@ -132,13 +123,11 @@ class EncoderEngine:
                 f"the encoder takes log-mel [n, {self.n_mels}, {self.n_frames}] (30 s windows); got {list(mel.shape)}"
             )
         mel = mel.to(self.device, self.dtype)
-        if not self.graphed or mel.shape[0] == 0:
+        if self.graphs is None or mel.shape[0] == 0:
             return self.forward(mel)
         parts, start = [], 0
         for bucket in split_into_buckets(mel.shape[0], self.buckets):
-            graph, static_mel, out = self._graph(bucket)
-            static_mel.copy_(mel[start : start + bucket])
-            graph.replay()
+            out = self.graphs.run(bucket, self.forward, (mel[start : start + bucket],), ((bucket, *mel.shape[1:]),))
             parts.append(out.clone())  # a copy: the graphs share one memory pool, the next replay may reuse it
             start += bucket
         return parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -41,7 +41,7 @@ from turboformer.kernels.layer_norm import add_layer_norm, layer_norm
 from turboformer.models.whisper.encoder_engine import EncoderEngine
 from turboformer.models.whisper.model import Whisper, merge_heads, split_heads
 from turboformer.nn.linear import PackedLinear
-from turboformer.runtime.cuda_graphs import DEFAULT_BUCKETS, GraphedStep, bucket_for, capture
+from turboformer.runtime.cuda_graphs import DEFAULT_BUCKETS, GraphedStep, PaddedGraphs, bucket_for
 
 QUANTIZE = (None, "int8")
 # prompt widths a graphed prefill is captured for (a prompt runs padded to the next one; 448 = n_text_ctx)
@@ -163,8 +163,8 @@ class GraphEngine:
         graphs = options.cuda_graphs and self.device.type == "cuda"
         # the encoder: fused passes, a graph per bucket captured on first use (the build stays fast)
         self.encoder = EncoderEngine(self.model.encoder, dtype, options.buckets, self.device, graphs)
-        self.graphed = graphs
-        self.prefill_pool = torch.cuda.graph_pool_handle() if graphs else None  # the prefill graphs' memory
+        # a window entering a slot (cross-K/V fill, prompt prefill): graphs per row / prompt-width bucket
+        self.entry_graphs = PaddedGraphs() if graphs else None
         self.step_graph = GraphedStep(self._step, options.buckets, graphs)
         self.greedy_graph = GraphedStep(self._greedy_step, options.buckets, graphs)
         self.build_seconds = time.perf_counter() - started
@@ -257,8 +257,18 @@ class GraphEngine:
         self.pos.zero_()
 
     def _fill_cross(self, audio_features: torch.Tensor, rows: torch.Tensor, n_group: int = 1) -> None:
-        """Cross-attention K/V of each window [n, T, C] into cache rows ``rows`` (n * n_group of them)."""
-        features = audio_features.to(self.device, self.dtype)
+        """Cross-attention K/V of each window [n, T, C] into cache rows ``rows`` (n * n_group of them). With CUDA
+        graphs and one row per window, through one graph per row bucket (``PaddedGraphs``: padded rows repeat
+        row 0)."""
+        features, rows = audio_features.to(self.device, self.dtype), rows.to(self.device)
+        n = features.shape[0]
+        if self.entry_graphs is None or n_group != 1 or n > self.max_rows:
+            return self._fill_cross_device(features, rows, n_group)
+        bucket = bucket_for(n, self.options.buckets)
+        shapes = ((bucket, *features.shape[1:]), (bucket,))
+        self.entry_graphs.run(("cross", bucket), self._fill_cross_device, (features, rows), shapes)
+
+    def _fill_cross_device(self, features: torch.Tensor, rows: torch.Tensor, n_group: int = 1) -> None:
         for i, layer in enumerate(self.layers):
             k, v = (split_heads(t, self.heads) for t in layer.cross_kv(features).chunk(2, dim=-1))  # [n, H, T, D]
             k, v = k.repeat_interleave(n_group, dim=0), v.repeat_interleave(n_group, dim=0)
@@ -286,39 +296,14 @@ class GraphEngine:
         come here, so their arithmetic is the same."""
         n, width = aligned.shape
         lengths, sot_index = lengths.to(self.device), sot_index.to(self.device)
-        if not self.graphed or n > self.max_rows or width > PREFILL_WIDTHS[-1]:
+        if self.entry_graphs is None or n > self.max_rows or width > PREFILL_WIDTHS[-1]:
             return self._prefill_device(aligned.to(self.device), lengths, sot_index, rows)
         n_bucket = bucket_for(n, self.options.buckets)
         width_bucket = next(w for w in PREFILL_WIDTHS if w >= width)
-        key = ("prefill", n_bucket, width_bucket)
-        fresh = key not in self.graph_cache
-        if fresh:  # [graph, static inputs (tokens, lengths, sot index, cache rows), static outputs]
-            self.graph_cache[key] = [None, self._prefill_inputs(n_bucket, width_bucket), None]
-        entry = self.graph_cache[key]
-        self._pad_prefill_inputs(entry[1], aligned, lengths, sot_index, rows)
-        if fresh:  # the warm-up inside ``capture`` runs this very prefill (idempotent), so no row is clobbered
-            entry[0], entry[2] = capture(lambda: self._prefill_device(*entry[1]), self.prefill_pool, warmup=1)
-        entry[0].replay()
-        last, sot = entry[2]
-        return last[:n].clone(), sot[:n].clone()
-
-    def _prefill_inputs(self, n: int, width: int) -> tuple[torch.Tensor, ...]:
-        """Static prefill inputs for n rows of ``width`` columns: tokens [n, width], lengths, sot index, rows [n]."""
-        zeros = [torch.zeros(n, dtype=torch.long, device=self.device) for _ in range(3)]
-        return (torch.zeros(n, width, dtype=torch.long, device=self.device), *zeros)
-
-    def _pad_prefill_inputs(self, static, aligned, lengths, sot_index, rows) -> None:
-        """Copy n prompts into larger static inputs: columns past the prompts hold token 0, rows past n repeat
-        row 0 (same tokens, same cache row: the padded rows write row 0's values again)."""
-        tokens, static_lengths, static_sot, static_rows = static
-        n, width = aligned.shape
-        fill = torch.arange(tokens.shape[0], device=self.device)
-        fill[n:] = 0
-        tokens.zero_()
-        tokens[:, :width] = aligned.to(self.device)[fill]
-        static_lengths.copy_(lengths[fill])
-        static_sot.copy_(sot_index[fill])
-        static_rows.copy_(rows.to(self.device)[fill])
+        shapes = ((n_bucket, width_bucket), (n_bucket,), (n_bucket,), (n_bucket,))
+        values = (aligned.to(self.device), lengths, sot_index, rows.to(self.device))
+        last, sot = self.entry_graphs.run(("prefill", n_bucket, width_bucket), self._prefill_device, values, shapes)
+        return last[:n].clone(), sot[:n].clone()  # copies: the next replay of any entry graph may reuse them
 
     def _prefill_device(self, tokens, lengths, sot_index, rows) -> tuple[torch.Tensor, torch.Tensor]:
         """The prefill on device tensors only (tokens [n, L], lengths, sot_index, rows [n]): capturable."""
