@@ -15,7 +15,7 @@ import torch
 from turboformer.kernels import utils
 from turboformer.kernels.utils import KernelInputError, tl, triton
 
-_TILE = 4096  # elements per program: 16 per thread at 8 warps, enough loads in flight to stream
+_TILE = 4096  # elements per program: 32 per thread at 4 warps (sweep_bias_gelu.py: 2.87 vs 2.68 TB/s at 8 warps, H200)
 
 
 @triton.jit
@@ -59,7 +59,7 @@ def bias_gelu_triton(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         block_n = min(utils.next_power_of_2(n), 1024)
         block_m = min(_TILE // block_n, utils.next_power_of_2(m))
         grid = (utils.cdiv(m, block_m), utils.cdiv(n, block_n))
-        _bias_gelu_kernel[grid](x2, bias, y, m, n, x2.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8)
+        _bias_gelu_kernel[grid](x2, bias, y, m, n, x2.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
     return y.view(x.shape)
 
 
