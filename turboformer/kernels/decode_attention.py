@@ -67,9 +67,14 @@ def _split_kernel(
     WRITE_OUT: tl.constexpr,  # one split: normalise and write `out`, no workspace
     HAS_LENGTHS: tl.constexpr,
     INT8: tl.constexpr,
+    PDL: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):  # fmt: skip
+    if PDL:  # launched early (programmatic dependent launch): wait for the previous kernel's writes (q, the new
+        # key), then let the next kernel launch and start its own loads while this one streams K and V
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -144,7 +149,11 @@ def _merge_kernel(
     stride_ob, stride_oh, stride_od,
     BLOCK_SPLITS: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
+    if PDL:  # as in _split_kernel: the next kernel (a decode_linear GEMV) loads its weight while this one merges
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     # out = sum_i 2^(m_i - M) acc_i / sum_i 2^(m_i - M) l_i with M = max_i m_i; empty splits (m_i = -inf)
     # get weight 0. The workspace is tiny (B * H * num_splits * (D + 2) floats) and stays in L2.
     bh = tl.program_id(0)
@@ -267,6 +276,8 @@ def decode_attention_triton(
         m = utils.empty((batch * heads, splits), torch.float32, q.device)
         l = utils.empty((batch * heads, splits), torch.float32, q.device)
         acc = utils.empty((batch * heads, splits, dim), torch.float32, q.device)
+    pdl = utils.pdl_supported(q.device)  # programmatic dependent launch on Hopper (see decode_linear)
+    launch = {"launch_pdl": True} if pdl else {}
     ks = k_scale if int8 else q  # placeholders: never read unless INT8 / HAS_LENGTHS
     vs = v_scale if int8 else q
     _split_kernel[(batch * heads, splits)](
@@ -277,13 +288,13 @@ def decode_attention_triton(
         *(ks.stride(0), ks.stride(1), ks.stride(-1)),
         *(vs.stride(0), vs.stride(1), vs.stride(-1)),
         *out.stride(),
-        WRITE_OUT=splits == 1, HAS_LENGTHS=lengths is not None, INT8=int8,
-        BLOCK_S=block_s, BLOCK_D=block_d, num_warps=num_warps,
+        WRITE_OUT=splits == 1, HAS_LENGTHS=lengths is not None, INT8=int8, PDL=pdl,
+        BLOCK_S=block_s, BLOCK_D=block_d, num_warps=num_warps, **launch,
     )  # fmt: skip
     if splits > 1:
         _merge_kernel[(batch * heads,)](
             m, l, acc, out, heads, dim, splits, *out.stride(),
-            BLOCK_SPLITS=utils.next_power_of_2(splits), BLOCK_D=block_d, num_warps=4,
+            BLOCK_SPLITS=utils.next_power_of_2(splits), BLOCK_D=block_d, PDL=pdl, num_warps=4, **launch,
         )  # fmt: skip
     return out
 

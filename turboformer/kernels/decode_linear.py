@@ -37,14 +37,17 @@ registers: group-wise scales per tile, per-channel scales once per output.
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from turboformer.kernels import utils
-from turboformer.kernels.int8_linear import dequantize_tile, dequantize_weight, group_size
+from turboformer.kernels.int8_linear import (
+    dequantize_tile,
+    dequantize_weight,
+    group_size,
+)
 from turboformer.kernels.kv_cache_write import kv_cache_write_ref
 from turboformer.kernels.layer_norm import layer_norm_ref
 from turboformer.kernels.utils import KernelInputError, tl, triton
@@ -192,15 +195,6 @@ def _act_dtype(x: torch.Tensor, weight: torch.Tensor, act_dtype: torch.dtype | N
     return weight.dtype if weight.dtype != torch.int8 else x.dtype
 
 
-def pdl_supported(device: torch.device) -> bool:
-    """Programmatic dependent launch (Hopper and newer; not in the interpreter; ``TURBOFORMER_PDL=0`` turns it
-    off, for A/B runs): the kernel launches while the previous one runs and loads its weight before waiting for
-    it (``gdc_wait``)."""
-    if device.type != "cuda" or utils.interpreting() or os.environ.get("TURBOFORMER_PDL", "1") == "0":
-        return False
-    return torch.cuda.get_device_capability(device)[0] >= 9
-
-
 def decode_linear_triton(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -240,7 +234,7 @@ def decode_linear_triton(
     packed = bool(group) and group & (group - 1) == 0 and block_k % group == 0
     kc, vc, pos = kv_cache if kv_cache is not None else (out, out, out)
     head_dim = kc.shape[3] if kv_cache is not None else 1
-    pdl = pdl_supported(x.device)
+    pdl = utils.pdl_supported(x.device)
     dummy = weight  # an unread pointer for absent operands
     grid = (utils.cdiv(n, plan.block_n),)
     _decode_linear_kernel[grid](

@@ -94,6 +94,16 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch (Hopper and newer; not in the interpreter; ``TURBOFORMER_PDL=0`` turns it
+    off, for A/B runs): a kernel launched so starts while the previous one runs, does what does not depend on it
+    (a GEMV loads its weight), then waits (``gdc_wait``) before reading the previous kernel's output; it calls
+    ``gdc_launch_dependents`` so the next kernel can start in turn (decode_linear, decode_attention)."""
+    if device.type != "cuda" or interpreting() or os.environ.get("TURBOFORMER_PDL", "1") == "0":
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def check_launchable(*tensors: torch.Tensor) -> None:
     """Raise a clear error unless a Triton launcher can run on these tensors: Triton installed, all tensors
     on one device, and that device CUDA (or CPU under the interpreter)."""
