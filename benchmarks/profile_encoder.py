@@ -22,12 +22,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from turboformer.benchmark import common  # noqa: E402
-from turboformer.kernels.layer_norm import add_layer_norm  # noqa: E402
 from turboformer.models.whisper.config import WHISPER_CONFIGS  # noqa: E402
 from turboformer.models.whisper.convert import random_model  # noqa: E402
 from turboformer.models.whisper.encoder_engine import EncoderEngine  # noqa: E402
-from turboformer.models.whisper.model import merge_heads, split_heads  # noqa: E402
-from turboformer.nn.linear import linear_fp32_out  # noqa: E402
+from turboformer.models.whisper.model import merge_heads  # noqa: E402
 
 
 def median_ms(fn, repeat: int) -> float:
@@ -45,33 +43,10 @@ def encoder_flops(config, batch: int) -> float:
 class GeluEpilogue(EncoderEngine):
     """The engine with fc1's bias + GELU in cuBLASLt's epilogue (tanh approximation), one pass fewer."""
 
-    def forward(self, mel):
-        dtype = self.dtype
-        x = F.gelu(F.conv1d(mel, *self.conv1, padding=1))
-        x = F.gelu(F.conv1d(x, *self.conv2, stride=2, padding=1))
-        x = x.transpose(1, 2).float() + self.positions
-        h = F.layer_norm(x, x.shape[-1:], *(t.float() for t in self.blocks[0].attn_ln), self.eps).to(dtype)
-        n, t, c = h.shape
-        for i, block in enumerate(self.blocks):
-            q, k, v = (split_heads(u, self.heads) for u in F.linear(h, *block.qkv).chunk(3, dim=-1))
-            attention = merge_heads(F.scaled_dot_product_attention(q, k, v))
-            x, h = add_layer_norm(
-                x,
-                linear_fp32_out(attention, *block.out),
-                *block.mlp_ln,
-                eps=self.eps,
-                out_dtype=dtype,
-            )
-            f = torch._addmm_activation(block.fc1_bias, h.view(n * t, c), block.fc1.t(), use_gelu=True)
-            next_ln = self.blocks[i + 1].attn_ln if i + 1 < len(self.blocks) else self.ln_post
-            x, h = add_layer_norm(
-                x,
-                linear_fp32_out(f.view(n, t, -1), *block.fc2),
-                *next_ln,
-                eps=self.eps,
-                out_dtype=dtype,
-            )
-        return h
+    def mlp_hidden(self, h, block):
+        rows = h.reshape(-1, h.shape[-1])
+        hidden = torch._addmm_activation(block.fc1_bias, rows, block.fc1.t(), use_gelu=True)
+        return hidden.view(*h.shape[:-1], -1)
 
 
 class CudnnStrided(EncoderEngine):

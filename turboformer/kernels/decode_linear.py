@@ -43,11 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from turboformer.kernels import utils
-from turboformer.kernels.int8_linear import (
-    dequantize_tile,
-    dequantize_weight,
-    group_size,
-)
+from turboformer.kernels.int8_linear import dequantize_tile, dequantize_weight, group_size
 from turboformer.kernels.kv_cache_write import kv_cache_write_ref
 from turboformer.kernels.layer_norm import layer_norm_ref
 from turboformer.kernels.utils import KernelInputError, tl, triton

@@ -39,8 +39,11 @@ from turboformer.nn.linear import linear_fp32_out
 from turboformer.runtime.cuda_graphs import PaddedGraphs
 
 
-def _tensor(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return t.detach().to(dtype).contiguous()
+def weight_and_bias(module, dtype: torch.dtype, bias_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
+    """A Linear's, Conv's or LayerNorm's (weight, bias), detached and contiguous in ``dtype`` (the bias in
+    ``bias_dtype`` when given)."""
+    weight, bias = module.weight.detach(), module.bias.detach()
+    return weight.to(dtype).contiguous(), bias.to(bias_dtype or dtype).contiguous()
 
 
 class _Block:
@@ -48,13 +51,12 @@ class _Block:
     the two matmuls that feed the fp32 residual stream stay fp32."""
 
     def __init__(self, block, dtype: torch.dtype):
-        self.attn_ln = (_tensor(block.attn_ln.weight, dtype), _tensor(block.attn_ln.bias, dtype))
-        self.qkv = (_tensor(block.attn.qkv.weight, dtype), _tensor(block.attn.qkv.bias, dtype))  # [3C, C]
-        self.out = (_tensor(block.attn.out.weight, dtype), _tensor(block.attn.out.bias, torch.float32))
-        self.mlp_ln = (_tensor(block.mlp_ln.weight, dtype), _tensor(block.mlp_ln.bias, dtype))
-        self.fc1 = _tensor(block.mlp[0].weight, dtype)  # [4C, C], its bias added by bias_gelu
-        self.fc1_bias = _tensor(block.mlp[0].bias, dtype)
-        self.fc2 = (_tensor(block.mlp[2].weight, dtype), _tensor(block.mlp[2].bias, torch.float32))
+        self.attn_ln = weight_and_bias(block.attn_ln, dtype)
+        self.qkv = weight_and_bias(block.attn.qkv, dtype)  # [3C, C]
+        self.out = weight_and_bias(block.attn.out, dtype, torch.float32)
+        self.mlp_ln = weight_and_bias(block.mlp_ln, dtype)
+        self.fc1, self.fc1_bias = weight_and_bias(block.mlp[0], dtype)  # [4C, C]; the bias added by bias_gelu
+        self.fc2 = weight_and_bias(block.mlp[2], dtype, torch.float32)
 
 
 def split_into_buckets(n: int, buckets: Sequence[int]) -> list[int]:
@@ -87,11 +89,11 @@ class EncoderEngine:
         self.n_mels = encoder.conv1.in_channels
         self.n_frames = 2 * encoder.positional_embedding.shape[0]  # 3000 mel frames -> 1500 positions
         self.eps = encoder.ln_post.eps
-        self.conv1 = (_tensor(encoder.conv1.weight, dtype), _tensor(encoder.conv1.bias, dtype))  # [C, n_mels, 3]
-        self.conv2 = (_tensor(encoder.conv2.weight, dtype), _tensor(encoder.conv2.bias, dtype))  # [C, C, 3]
-        self.positions = _tensor(encoder.positional_embedding, torch.float32)  # [1500, C]
+        self.conv1 = weight_and_bias(encoder.conv1, dtype)  # [C, n_mels, 3]
+        self.conv2 = weight_and_bias(encoder.conv2, dtype)  # [C, C, 3]
+        self.positions = encoder.positional_embedding.detach().float().contiguous()  # [1500, C]
         self.blocks = [_Block(b, dtype) for b in encoder.blocks]
-        self.ln_post = (_tensor(encoder.ln_post.weight, dtype), _tensor(encoder.ln_post.bias, dtype))
+        self.ln_post = weight_and_bias(encoder.ln_post, dtype)
         # one graph per bucket, captured on its first use; None: eager
         self.graphs = PaddedGraphs() if cuda_graphs and self.device.type == "cuda" else None
 
@@ -106,10 +108,14 @@ class EncoderEngine:
             attention = self.attend(F.linear(h, *block.qkv))  # [n, 1500, C]
             branch = linear_fp32_out(attention, *block.out)  # [n, 1500, C] fp32
             x, h = add_layer_norm(x, branch, *block.mlp_ln, eps=self.eps, out_dtype=dtype)
-            f = bias_gelu(F.linear(h, block.fc1), block.fc1_bias)  # [n, 1500, 4C]
+            f = self.mlp_hidden(h, block)  # [n, 1500, 4C]
             next_ln = self.blocks[i + 1].attn_ln if i + 1 < len(self.blocks) else self.ln_post
             x, h = add_layer_norm(x, linear_fp32_out(f, *block.fc2), *next_ln, eps=self.eps, out_dtype=dtype)
         return h
+
+    def mlp_hidden(self, h: torch.Tensor, block: _Block) -> torch.Tensor:
+        """The FFN's hidden activations: exact GELU(h @ W1^T + b1), the bias added in the GELU pass."""
+        return bias_gelu(F.linear(h, block.fc1), block.fc1_bias)
 
     def attend(self, qkv: torch.Tensor) -> torch.Tensor:
         """Bidirectional attention of every head: qkv [n, T, 3C] ([q | k | v] along the features) -> [n, T, C]."""

@@ -38,7 +38,7 @@ from turboformer.kernels.decode_linear import MAX_ROWS as DECODE_LINEAR_MAX_ROWS
 from turboformer.kernels.decode_linear import KVCache, decode_linear
 from turboformer.kernels.kv_cache_write import kv_cache_write
 from turboformer.kernels.layer_norm import add_layer_norm, layer_norm
-from turboformer.models.whisper.encoder_engine import EncoderEngine
+from turboformer.models.whisper.encoder_engine import EncoderEngine, weight_and_bias
 from turboformer.models.whisper.model import Whisper, merge_heads, split_heads
 from turboformer.nn.linear import PackedLinear
 from turboformer.runtime.cuda_graphs import DEFAULT_BUCKETS, GraphedStep, PaddedGraphs, bucket_for
@@ -94,10 +94,6 @@ class _Layer:
     fc2: PackedLinear
 
 
-def _ln(module, dtype):
-    return module.weight.detach().to(dtype).contiguous(), module.bias.detach().to(dtype).contiguous()
-
-
 class GraphEngine:
     """Implements the engine protocol of ``engine.py`` with static buffers and graphed decode steps."""
 
@@ -116,21 +112,21 @@ class GraphEngine:
         decoder = self.model.decoder
         self.layers = [
             _Layer(
-                attn_ln=_ln(b.attn_ln, dtype),
+                attn_ln=weight_and_bias(b.attn_ln, dtype),
                 qkv=pack(b.attn.qkv),
                 out=pack(b.attn.out),
-                cross_ln=_ln(b.cross_attn_ln, dtype),
+                cross_ln=weight_and_bias(b.cross_attn_ln, dtype),
                 cross_q=pack(b.cross_attn.q),
                 cross_kv=pack(b.cross_attn.kv, quantized=False),  # once per window: keep it exact
                 cross_out=pack(b.cross_attn.out),
-                mlp_ln=_ln(b.mlp_ln, dtype),
+                mlp_ln=weight_and_bias(b.mlp_ln, dtype),
                 fc1=pack(b.mlp[0], with_bias=False),
                 fc1_bias=b.mlp[0].bias.detach().to(dtype).contiguous(),
                 fc2=pack(b.mlp[2]),
             )
             for b in decoder.blocks
         ]
-        self.final_ln = _ln(decoder.ln, dtype)
+        self.final_ln = weight_and_bias(decoder.ln, dtype)
         self.embedding = decoder.token_embedding.weight.detach()  # [V, C], also the output projection
         self.positions = decoder.positional_embedding.detach()  # [n_text_ctx, C]
 
