@@ -2,7 +2,7 @@
 prompt-batch decode, from ``torch.profiler`` over the same step run eagerly (kernels and their GPU times are the
 graph's; launches are not), next to the graph replay's wall time per step (CUDA events).
 
-    python benchmarks/profile_engines.py [--lite] [--sam] [--out DIR]
+    python benchmarks/profile_engines.py [--lite] [--sam] [--sam-encoder vit_h] [--out DIR]
 
 Prints, per engine, the top kernels (calls per step, mean and total GPU microseconds per step) and the sum of
 kernel time against the replay time (the rest is the gaps between kernels: launch latency inside the graph).
@@ -18,11 +18,13 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 
-def kernel_table(fn, steps: int, top: int = 25) -> tuple[str, float]:
-    """Profile ``steps`` calls of ``fn``; returns (table of the top kernels per step, total kernel us per step)."""
+def kernel_table(fn, steps: int, top: int = 25, ops: int = 0) -> tuple[str, float]:
+    """Profile ``steps`` calls of ``fn``; returns (table of the top kernels per step, total kernel us per step).
+    ``ops`` > 0 appends the top PyTorch ops by their kernels' time, with input shapes (which add is which)."""
     fn()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if ops else [])
+    with profile(activities=activities, record_shapes=bool(ops)) as prof:
         for _ in range(steps):
             fn()
         torch.cuda.synchronize()
@@ -37,6 +39,13 @@ def kernel_table(fn, steps: int, top: int = 25) -> tuple[str, float]:
     for name, (calls, us) in sorted(rows.items(), key=lambda r: -r[1][1])[:top]:
         lines.append(f"{name[:90]:<90} {calls:6.1f} {us / max(calls, 1e-9):8.2f} {us:8.1f}")
     lines.append(f"{'total kernel time per step':<90} {sum(c for c, _ in rows.values()):6.0f} {'':>8} {total:8.1f}")
+    if ops:
+        lines.append(f"\n{'op [input shapes]':<110} {'calls':>6} {'us/step':>8}")
+        averages = [e for e in prof.key_averages(group_by_input_shape=True) if e.key.startswith("aten::")]
+        device_us = [(getattr(e, "device_time_total", 0) or getattr(e, "cuda_time_total", 0), e) for e in averages]
+        for us, event in sorted(device_us, key=lambda r: -r[0])[:ops]:
+            label = f"{event.key} {event.input_shapes}"
+            lines.append(f"{label[:110]:<110} {event.count / steps:6.1f} {us / steps:8.1f}")
     return "\n".join(lines), total
 
 
@@ -103,26 +112,48 @@ def profile_sam(prompts: int = 64) -> str:
     eager = PromptDecoderEngine(model, buckets=(prompts,), cuda_graphs=False)
     graphed = PromptDecoderEngine(model, buckets=(prompts,))
     with torch.inference_mode():
-        table, kernel_us = kernel_table(lambda: eager.decode(embedding, coords, labels, None, None), steps=4)
+        table, kernel_us = kernel_table(lambda: eager.decode(embedding, coords, labels, None, None), steps=4, ops=30)
         graph_us = replay_us(lambda: graphed.decode(embedding, coords, labels, None, None), steps=16)
     return (f"## SAM prompt encoder + mask decoder, {prompts} one-point prompts, decoder dtype {model.dtype}\n{table}\n"
             f"graphed decode {graph_us:.1f} us; kernels {kernel_us:.1f} us\n")
 
 
+def profile_sam_encoder(size: str = "vit_h", batch: int = 8) -> str:
+    """The bf16 image encoder's kernels for one batch (eager: the encoder is not graphed), with the achieved
+    TFLOP/s of the whole forward (FLOPs counted as in ``turboformer bench sam``)."""
+    from turboformer.benchmark.sam import encoder_flops
+    from turboformer.models.sam import SAM_CONFIGS, build_sam
+    from turboformer.models.sam.engine import prepare_sam
+
+    torch.manual_seed(0)
+    model = prepare_sam(build_sam(SAM_CONFIGS[size]), torch.device("cuda"), torch.bfloat16, None)
+    images = torch.randn(batch, 3, 1024, 1024, device="cuda", dtype=torch.bfloat16)
+    with torch.inference_mode():
+        table, kernel_us = kernel_table(lambda: model.image_encoder(images), steps=2, top=30, ops=30)
+        wall_us = replay_us(lambda: model.image_encoder(images), steps=3)
+    tflops = encoder_flops(model.config, batch) / (wall_us * 1e-6) / 1e12
+    return (f"## SAM {size} image encoder, batch {batch}, bf16\n{table}\n"
+            f"forward {wall_us / 1e3:.2f} ms ({tflops:.0f} TFLOP/s); kernels {kernel_us / 1e3:.2f} ms\n")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lite", action="store_true")
-    parser.add_argument("--sam", action="store_true")
+    parser.add_argument("--sam", action="store_true", help="the SAM prompt decoder at 64 prompts")
+    parser.add_argument("--sam-encoder", default=None, metavar="SIZE", help="the SAM image encoder (vit_b, vit_h)")
     parser.add_argument("--out", default=None, help="also write the report to DIR/profile_engines.txt")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("profile_engines: needs a CUDA GPU", file=sys.stderr)
         return 2
     parts = []
-    if args.lite or not args.sam:
+    everything = not (args.lite or args.sam or args.sam_encoder)
+    if args.lite or everything:
         parts.append(profile_lite())
-    if args.sam or not args.lite:
+    if args.sam or everything:
         parts.append(profile_sam())
+    if args.sam_encoder:
+        parts.append(profile_sam_encoder(args.sam_encoder))
     report = f"# {torch.cuda.get_device_name()}, torch {torch.__version__}\n\n" + "\n".join(parts)
     print(report)
     if args.out:

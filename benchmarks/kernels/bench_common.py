@@ -84,7 +84,7 @@ def write_results(op: str, rows: list[dict], notes: str) -> Path:
         "notes": notes,
     }
     (folder / f"kernels_{op}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    columns = list(rows[0])
+    columns = list(dict.fromkeys(c for r in rows for c in r))  # every row's columns, first-seen order
     lines = [
         f"# `{op}` on {meta['gpu']}",
         "",

@@ -12,6 +12,8 @@ Ops and variants (``triton`` = ours, as the fp16 decoder runs it):
   ConvTranspose2d and GELU in fp16, ``.float()`` copies, fp32 batched matmul. ``triton_p<N>`` = ours with
   N input pixels per program (the default is 128), for tuning.
 * ``tail``: both, from conv1's output to the logits.
+* ``_cl`` variants read a channels-last map in place (the decoder's layout: its image tokens are token-major,
+  so the first transposed convolution returns channels-last), ``_w8`` ones run 8 warps per program.
 
 Bytes model (ours): ``ln_gelu`` reads and writes x once (2 x 134 MB); ``mask_head`` reads y once and writes
 the fp32 logits once (134 + 67 MB). The unfused variants move several times more; their GB/s column is
@@ -43,6 +45,11 @@ def unfused_ln_gelu(x, weight, bias):
 def layer_norm_nhwc_gelu(x, weight, bias):
     y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), weight, bias, EPS)
     return F.gelu(y).permute(0, 3, 1, 2)
+
+
+def channels_last(make):
+    """An input maker whose 4-D maps are channels-last."""
+    return lambda: tuple(t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for t in make())
 
 
 def main() -> None:
@@ -79,8 +86,10 @@ def main() -> None:
         "triton": lambda x: channel_layer_norm_triton(x, ln_weight, ln_bias, EPS, gelu=True),
         "torch": lambda x: unfused_ln_gelu(x, ln_weight, ln_bias),
         "torch_fln": lambda x: layer_norm_nhwc_gelu(x, ln_weight, ln_bias),
+        "triton_cl": lambda x: channel_layer_norm_triton(x, ln_weight, ln_bias, EPS, gelu=True),
     }
-    times = {name: time_us(fn, make_x, 2 * x_bytes) for name, fn in variants.items()}
+    times = {name: time_us(fn, channels_last(make_x) if "_cl" in name else make_x, 2 * x_bytes)
+             for name, fn in variants.items()}  # fmt: skip
     rows.append(row({"op": "ln_gelu", **case}, 2 * x_bytes, times))
 
     # --- conv2 + GELU + mask product ------------------------------------------------------------------------------
@@ -90,8 +99,13 @@ def main() -> None:
     variants = {"triton": lambda y, h: mask_head_triton(y, conv_weight, conv_bias, h)}
     for block_p in (32, 64, 256):
         variants[f"triton_p{block_p}"] = lambda y, h, p=block_p: mask_head_triton(y, conv_weight, conv_bias, h, block_p=p)
+    for block_p in (32, 64, 128):
+        for warps in (4, 8):
+            variants[f"triton_cl_p{block_p}_w{warps}"] = lambda y, h, p=block_p, w=warps: mask_head_triton(
+                y, conv_weight, conv_bias, h, block_p=p, num_warps=w)
     variants["torch"] = lambda y, h: mask_head_ref(y, conv_weight, conv_bias, h)
-    times = {name: time_us(fn, make_y_hyper, x_bytes + logit_bytes) for name, fn in variants.items()}
+    times = {name: time_us(fn, channels_last(make_y_hyper) if "_cl" in name else make_y_hyper, x_bytes + logit_bytes)
+             for name, fn in variants.items()}  # fmt: skip
     rows.append(row({"op": "mask_head", **case}, x_bytes + logit_bytes, times))
 
     # --- the whole tail: conv1 output -> logits ---------------------------------------------------------------------

@@ -51,11 +51,17 @@ def gold_and_lowp(x, weight, bias, gelu):
     return gold, ops(x, weight.to(x.dtype), bias.to(x.dtype))
 
 
+def _layout(x):
+    nchw = x.is_contiguous()
+    return torch.channels_last if not nchw and x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+
+
 def check(x, weight, bias, gelu, block_p=None):
     gold, torch_lowp = gold_and_lowp(x, weight, bias, gelu)
     with poison_buffers():
         out = channel_layer_norm_triton(x, weight, bias, EPS, gelu, block_p=block_p)
-    assert out.shape == x.shape and out.dtype == x.dtype and out.is_contiguous()
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert out.stride() == x.contiguous(memory_format=_layout(x)).stride()  # x's layout kept
     assert_close_to_gold(out, gold, torch_lowp)
     assert_close_to_gold(channel_layer_norm_ref(x, weight, bias, EPS, gelu), gold, torch_lowp)
 
@@ -78,6 +84,17 @@ SHAPES = [
 @pytest.mark.parametrize("shape,block_p", SHAPES)
 def test_channel_layer_norm(shape, block_p, dtype, gelu):
     check(make_map(shape, dtype), *affine(shape[1]), gelu, block_p)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,block_p", SHAPES)
+def test_channels_last_map_read_in_place(shape, block_p, dtype):
+    """A channels-last map (the mask decoder's transposed convolution of token-major image features) is read
+    with its own strides and normalised into a channels-last output; a map in neither layout is copied."""
+    x = make_map(shape, dtype).contiguous(memory_format=torch.channels_last)
+    check(x, *affine(shape[1]), True, block_p)
+    strided = make_map((shape[0], shape[1], shape[2], 2 * shape[3]), dtype)[..., ::2]  # every other column
+    check(strided, *affine(shape[1]), False, block_p)
 
 
 def test_large_mean_keeps_fp32_statistics():
@@ -159,3 +176,23 @@ def test_captures_in_a_cuda_graph():
     x.copy_(make_map(x.shape, x.dtype))
     graph.replay()
     torch.testing.assert_close(out, channel_layer_norm_triton(x, weight, bias, EPS, True), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_shift_is_added_before_the_statistics(dtype):
+    """``shift`` (a preceding convolution's bias) is added to x in fp32 before the LayerNorm: equal to the fp64
+    LayerNorm of x + shift, NCHW and channels-last."""
+    x = make_map((2, 24, 5, 7), dtype)
+    weight, bias = affine(24)
+    shift = torch.randn(24, device=DEVICE).to(dtype)
+    shifted = (x.double() + shift.double()[:, None, None])
+    gold, _ = gold_and_lowp(shifted, weight, bias, True)
+    torch_lowp = gold_and_lowp(shifted.to(dtype), weight, bias, True)[1]
+    for layout in (torch.contiguous_format, torch.channels_last):
+        xl = x.contiguous(memory_format=layout)
+        with poison_buffers():
+            out = channel_layer_norm_triton(xl, weight, bias, EPS, True, shift)
+        assert_close_to_gold(out, gold, torch_lowp)
+        assert_close_to_gold(channel_layer_norm_ref(xl, weight, bias, EPS, True, shift), gold, torch_lowp)
+    with pytest.raises(KernelInputError, match="shift"):
+        channel_layer_norm_ref(x, weight, bias, EPS, True, shift[:3])

@@ -91,6 +91,18 @@ def test_mask_head(batch, cin, cout, masks, h, w, block_p, dtype):
     check(*make_inputs(batch, cin, cout, masks, h, w, dtype), block_p=block_p)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch,cin,cout,masks,h,w,block_p", SHAPES[:3])
+def test_channels_last_and_strided_inputs(batch, cin, cout, masks, h, w, block_p, dtype):
+    """A channels-last map (what the decoder's first transposed convolution gives) is read in place; a map in
+    neither layout (every other column of a wider one) is copied first. Same results either way."""
+    y, weight, bias, hyper = make_inputs(batch, cin, cout, masks, h, w, dtype)
+    check(y.contiguous(memory_format=torch.channels_last), weight, bias, hyper, block_p=block_p)
+    wide = torch.zeros(batch, cin, h, 2 * w, device=y.device, dtype=dtype)
+    wide[..., ::2] = y
+    check(wide[..., ::2], weight, bias, hyper, block_p=block_p)
+
+
 def test_reference_is_the_unfused_decoder_tail():
     """mask_head_ref is conv2 -> GELU in the input dtype, then the fp32 product (what predict_all ran)."""
     y, weight, bias, hyper = make_inputs(2, 16, 8, 4, 3, 5, torch.bfloat16)

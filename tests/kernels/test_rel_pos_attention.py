@@ -123,14 +123,37 @@ def test_dispatcher_takes_the_reference_on_cpu_and_under_use_reference(monkeypat
     assert len(calls) == 1
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_heads_of_a_fused_projection_read_in_place(dtype):
+    """4-D q, k, v ``[B, heads, N, D]``: strided views of one ``[B, N, 3, heads, D]`` qkv projection (the
+    encoder's), rel_h/rel_w ``[B, heads, N, .]``. Equal to the 3-D op on the same rows, and the output is
+    token-major (``out.transpose(1, 2)`` contiguous: the output projection reads it without a copy)."""
+    batch, heads, grid_h, grid_w, d = 2, 3, 4, 5, 16
+    n = grid_h * grid_w
+    q, k, v = torch.randn(batch, n, 3, heads, d, device=DEVICE).to(dtype).permute(2, 0, 3, 1, 4).unbind(0)
+    rel_h = (2 * torch.randn(batch, heads, n, grid_h, device=DEVICE)).to(dtype)
+    rel_w = (2 * torch.randn(batch, heads, n, grid_w, device=DEVICE)).to(dtype)
+    with poison_buffers():
+        out = rel_pos_attention_triton(q, k, v, rel_h, rel_w, block_m=16, block_n=16)
+    assert out.shape == q.shape and out.transpose(1, 2).is_contiguous()
+    flat = [t.reshape(batch * heads, *t.shape[2:]) for t in (q, k, v, rel_h, rel_w)]
+    expected = rel_pos_attention_triton(*flat, block_m=16, block_n=16).view(q.shape)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)  # the same programs on the same rows
+    gold = sdpa_with_mask(*(t.double() for t in flat), scale=d**-0.5).view(q.shape)
+    torch_lowp = sdpa_with_mask(*flat, scale=d**-0.5).view(q.shape)
+    assert_close_to_gold(out, gold, torch_lowp, fp32_tol=FP32_TOL)
+    torch.testing.assert_close(rel_pos_attention_ref(q, k, v, rel_h, rel_w), rel_pos_attention_ref(*flat).view(q.shape))
+
+
 def test_bad_inputs_raise():
     q, k, v, rel_h, rel_w = make_inputs(2, 3, 4, 16, torch.float16, "contiguous")
     cases = [
         ((q, k[:1], v, rel_h, rel_w), "share a \\[BH, N, D\\] shape"),
         ((q, k, v.float(), rel_h, rel_w), "share a dtype"),
-        ((q, k, v, rel_h[:, :, :2], rel_w), "N = 12 = H \\* W"),
-        ((q, k, v, rel_h, rel_w[:1]), "must have BH = 2"),
-        ((q[0], k, v, rel_h, rel_w), "q must be 3-D"),
+        ((q, k, v, rel_h[:, :, :2], rel_w), "N = H \\* W, got \\[2, 12, 2\\]"),
+        ((q, k, v, rel_h, rel_w[:1]), "must lead with \\[2, 12\\]"),
+        ((q[0], k, v, rel_h, rel_w), "q must be \\[BH, N, .\\] or \\[B, heads, N, .\\]"),
+        ((q, k, v, rel_h.unsqueeze(0), rel_w), "rel_h must be .* like q"),
         ((q.int(), k, v, rel_h, rel_w), "q must be float32"),
     ]
     for args, message in cases:
@@ -202,8 +225,9 @@ def test_tiny_sam_image_encoder_with_the_kernel_matches_the_reference(monkeypatc
     monkeypatch.setattr(utils, "use_triton", lambda x: not utils.reference_forced())  # as on CUDA
     with torch.no_grad(), poison_buffers():
         out = encoder(image)
-    # batch 2 x 2 heads: windowed blocks over 9 windows of 9 tokens, the global block over 64 tokens
-    assert calls == [(36, 9, 16), (4, 64, 16), (36, 9, 16)]
+    # [B, heads, N, D] views of each block's qkv projection: windowed blocks over 2 x 9 windows of 9 tokens,
+    # the global block over 2 images of 64 tokens; 2 heads
+    assert calls == [(18, 2, 9, 16), (2, 2, 64, 16), (18, 2, 9, 16)]
     assert out.shape == (2, 16, 8, 8)
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
     assert (out - expected).abs().max() > 0  # the kernel really ran (different summation order)

@@ -20,7 +20,7 @@ operands the tensor cores' products are exact in fp32 (11- or 8-bit mantissas, a
 product), so ``tl.dot`` with fp32 accumulation is that fp32 product up to summation order.
 
 Kernel layout: programs over (tiles of ``BLOCK_P`` input pixels, batch). A program loads its
-``[BLOCK_P, Cin]`` input tile once (pixels contiguous in memory), then for each of the four ``(di, dj)``:
+``[BLOCK_P, Cin]`` input tile once (from an NCHW map or, read in place, a channels-last one), then for each of the four ``(di, dj)``:
 ``z = y_tile @ weight[:, :, di, dj]`` ``[BLOCK_P, Cout]`` (tensor cores) + bias, GELU, and
 ``masks = gelu(z) @ hyper[b]^T`` ``[BLOCK_P, M]`` (M = 4 padded to tl.dot's minimum of 16 with zero
 columns), stored to every other column of output rows ``2i + di``.
@@ -40,7 +40,7 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat
 
 @triton.jit
 def _mask_head_kernel(
-    y_ptr,  # [B, CIN, h, w] contiguous
+    y_ptr,  # [B, CIN, h * w], strides (stride_yb, stride_yc, stride_yp): NCHW or channels-last
     w_ptr,  # [CIN, COUT, 2, 2] contiguous
     bias_ptr,  # [COUT]
     hyper_ptr,  # [B, M, COUT] contiguous
@@ -50,6 +50,9 @@ def _mask_head_kernel(
     M,
     H,  # input height h
     W,  # input width w
+    stride_yb,
+    stride_yc,
+    stride_yp,
     BLOCK_P: tl.constexpr,
     BLOCK_CIN: tl.constexpr,
     BLOCK_COUT: tl.constexpr,
@@ -69,7 +72,7 @@ def _mask_head_kernel(
     m_mask = m < M
 
     y = tl.load(
-        y_ptr + batch * CIN * hw + cin[None, :].to(tl.int64) * hw + p[:, None],
+        y_ptr + batch * stride_yb + cin[None, :].to(tl.int64) * stride_yc + p[:, None].to(tl.int64) * stride_yp,
         mask=p_mask[:, None] & cin_mask[None, :], other=0.0,
     ).to(DOT_DTYPE)  # [BLOCK_P, BLOCK_CIN]
     bias = tl.load(bias_ptr + cout, mask=cout_mask, other=0.0).to(tl.float32)  # [BLOCK_COUT]
@@ -119,10 +122,17 @@ def _check(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, hyper: tor
 
 
 def mask_head_triton(
-    y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, hyper: torch.Tensor, *, block_p: int | None = None
+    y: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    hyper: torch.Tensor,
+    *,
+    block_p: int | None = None,
+    num_warps: int = 4,
 ) -> torch.Tensor:
     """:func:`mask_head` with the Triton kernel (Cin, Cout up to ``MAX_CHANNELS``, M up to ``MAX_MASKS``).
-    ``block_p`` (input pixels per program, a power of two >= 16) overrides the default, for tests and tuning."""
+    ``block_p`` (input pixels per program, a power of two >= 16) and ``num_warps`` override the defaults, for
+    tests and tuning."""
     _check(y, weight, bias, hyper)
     utils.check_launchable(y, weight, bias, hyper)
     batch, cin, height, width = y.shape
@@ -134,7 +144,9 @@ def mask_head_triton(
         )
     if block_p is not None and (block_p < 16 or block_p & (block_p - 1)):
         raise KernelInputError(f"block_p must be a power of two >= 16, got {block_p}")
-    y, weight, hyper = y.contiguous(), weight.contiguous(), hyper.contiguous()
+    if not y.is_contiguous(memory_format=torch.channels_last):
+        y = y.contiguous()  # NCHW unless already channels-last; both are read in place
+    weight, hyper = weight.contiguous(), hyper.contiguous()
     out = utils.empty((batch, num_masks, 2 * height, 2 * width), torch.float32, y.device)
     hw = height * width
     if batch == 0 or hw == 0 or num_masks == 0:
@@ -151,11 +163,12 @@ def mask_head_triton(
         precision = "ieee"
     _mask_head_kernel[(utils.cdiv(hw, block_p), batch)](
         y, weight, bias, hyper, out, cin, cout, num_masks, height, width,
+        y.stride(0), y.stride(1), y.stride(3) if width > 1 else y.stride(2),
         BLOCK_P=block_p,
         BLOCK_CIN=max(16, utils.next_power_of_2(cin)),
         BLOCK_COUT=max(16, utils.next_power_of_2(cout)),
         BLOCK_M=max(16, utils.next_power_of_2(num_masks)),
-        DOT_DTYPE=dot_dtype, PRECISION=precision, num_warps=4,
+        DOT_DTYPE=dot_dtype, PRECISION=precision, num_warps=num_warps,
     )  # fmt: skip
     return out
 

@@ -44,23 +44,24 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat
 
 @triton.jit
 def _rel_pos_attention_kernel(
-    q_ptr,  # [BH, N, D]
-    k_ptr,  # [BH, N, D]
-    v_ptr,  # [BH, N, D]
-    rh_ptr,  # [BH, N, GRID_H]: rel_h[i, key row]
-    rw_ptr,  # [BH, N, GRID_W]: rel_w[i, key column]
-    o_ptr,  # [BH, N, D] out
+    q_ptr,  # [B, HEADS, N, D]
+    k_ptr,  # [B, HEADS, N, D]
+    v_ptr,  # [B, HEADS, N, D]
+    rh_ptr,  # [B, HEADS, N, GRID_H]: rel_h[i, key row]
+    rw_ptr,  # [B, HEADS, N, GRID_W]: rel_w[i, key column]
+    o_ptr,  # [B, HEADS, N, D] out
     N,
     D,
     GRID_H,
     GRID_W,
+    HEADS,  # program (b, h) = divmod(program_id(1), HEADS); 1 for [BH, N, D] inputs
     qk_scale,  # softmax scale * log2(e)
-    stride_qb, stride_qn, stride_qd,
-    stride_kb, stride_kn, stride_kd,
-    stride_vb, stride_vn, stride_vd,
-    stride_hb, stride_hn, stride_hr,
-    stride_wb, stride_wn, stride_wc,
-    stride_ob, stride_on, stride_od,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_hb, stride_hh, stride_hn, stride_hr,
+    stride_wb, stride_wh, stride_wn, stride_wc,
+    stride_ob, stride_oh, stride_on, stride_od,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -70,7 +71,8 @@ def _rel_pos_attention_kernel(
     PRECISION: tl.constexpr,  # tl.dot input precision for fp32 operands: "ieee" (true fp32) or "tf32"
 ):  # fmt: skip
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    b = (tl.program_id(1) // HEADS).to(tl.int64)
+    head = (tl.program_id(1) % HEADS).to(tl.int64)
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # query indices
     m_mask = m < N
     d = tl.arange(0, BLOCK_D)
@@ -79,23 +81,23 @@ def _rel_pos_attention_kernel(
     r_w = tl.arange(0, BLOCK_W)  # key columns
 
     q = tl.load(
-        q_ptr + bh * stride_qb + m[:, None] * stride_qn + d[None, :] * stride_qd,
+        q_ptr + b * stride_qb + head * stride_qh + m[:, None] * stride_qn + d[None, :] * stride_qd,
         mask=m_mask[:, None] & d_mask[None, :], other=0.0,
     ).to(DOT_DTYPE)  # [BLOCK_M, BLOCK_D]
     rel_h = tl.load(
-        rh_ptr + bh * stride_hb + m[:, None] * stride_hn + r_h[None, :] * stride_hr,
+        rh_ptr + b * stride_hb + head * stride_hh + m[:, None] * stride_hn + r_h[None, :] * stride_hr,
         mask=m_mask[:, None] & (r_h < GRID_H)[None, :], other=0.0,
     ).to(DOT_DTYPE)  # [BLOCK_M, BLOCK_H]
     rel_w = tl.load(
-        rw_ptr + bh * stride_wb + m[:, None] * stride_wn + r_w[None, :] * stride_wc,
+        rw_ptr + b * stride_wb + head * stride_wh + m[:, None] * stride_wn + r_w[None, :] * stride_wc,
         mask=m_mask[:, None] & (r_w < GRID_W)[None, :], other=0.0,
     ).to(DOT_DTYPE)  # [BLOCK_M, BLOCK_W]
 
     m_i = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)  # running max, base-2 units
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # softmax denominator relative to m_i
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # unnormalised output relative to m_i
-    k_base = k_ptr + bh * stride_kb + d[:, None] * stride_kd
-    v_base = v_ptr + bh * stride_vb + d[None, :] * stride_vd
+    k_base = k_ptr + b * stride_kb + head * stride_kh + d[:, None] * stride_kd
+    v_base = v_ptr + b * stride_vb + head * stride_vh + d[None, :] * stride_vd
     for n0 in range(0, N, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)  # key indices
         n_mask = n < N
@@ -122,26 +124,27 @@ def _rel_pos_attention_kernel(
 
     out = acc / l_i[:, None]
     tl.store(
-        o_ptr + bh * stride_ob + m[:, None] * stride_on + d[None, :] * stride_od,
+        o_ptr + b * stride_ob + head * stride_oh + m[:, None] * stride_on + d[None, :] * stride_od,
         out.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :],
     )
 
 
 def _check(q, k, v, rel_h, rel_w) -> tuple[int, int]:
-    """Validate the inputs; return the grid ``(H, W)``."""
+    """Validate the inputs (all 3-D ``[BH, N, .]`` or all 4-D ``[B, heads, N, .]``); return the grid ``(H, W)``."""
+    dims = q.dim()
     for name, t in (("q", q), ("k", k), ("v", v), ("rel_h", rel_h), ("rel_w", rel_w)):
         utils.check_float(name, t)
-        if t.dim() != 3:
-            raise KernelInputError(f"{name} must be 3-D, got shape {list(t.shape)}")
+        if t.dim() not in (3, 4) or t.dim() != dims:
+            raise KernelInputError(f"{name} must be [BH, N, .] or [B, heads, N, .] like q, got shape {list(t.shape)}")
     if q.shape != k.shape or q.shape != v.shape:
         raise KernelInputError(f"q, k, v must share a [BH, N, D] shape, got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
     if len({q.dtype, k.dtype, v.dtype, rel_h.dtype, rel_w.dtype}) != 1:
         raise KernelInputError("q, k, v, rel_h and rel_w must share a dtype")
-    bh, n, d = q.shape
-    grid_h, grid_w = rel_h.shape[2], rel_w.shape[2]
-    if rel_h.shape[:2] != (bh, n) or rel_w.shape[:2] != (bh, n) or grid_h * grid_w != n:
+    lead, (n, d) = tuple(q.shape[:-2]), q.shape[-2:]
+    grid_h, grid_w = rel_h.shape[-1], rel_w.shape[-1]
+    if tuple(rel_h.shape[:-1]) != (*lead, n) or tuple(rel_w.shape[:-1]) != (*lead, n) or grid_h * grid_w != n:
         raise KernelInputError(
-            f"rel_h [BH, N, H] and rel_w [BH, N, W] must have BH = {bh}, N = {n} = H * W, "
+            f"rel_h [.., N, H] and rel_w [.., N, W] must lead with {[*lead, n]}, N = H * W, "
             f"got {list(rel_h.shape)} and {list(rel_w.shape)}"
         )
     if n == 0 or d == 0:
@@ -151,6 +154,11 @@ def _check(q, k, v, rel_h, rel_w) -> tuple[int, int]:
     if max(grid_h, grid_w) > MAX_GRID_SIDE:
         raise KernelInputError(f"grid side {max(grid_h, grid_w)} exceeds {MAX_GRID_SIDE}")
     return grid_h, grid_w
+
+
+def _strides4(t: torch.Tensor) -> tuple[int, ...]:
+    """(batch, head, row, column) strides; a 3-D ``[BH, N, .]`` tensor is one head per batch row."""
+    return (t.stride(0), 0, t.stride(1), t.stride(2)) if t.dim() == 3 else t.stride()
 
 
 def _plan(n: int, d: int, dtype: torch.dtype, block_m: int | None, block_n: int | None):
@@ -193,7 +201,8 @@ def rel_pos_attention_triton(
     for name, block in (("block_m", block_m), ("block_n", block_n)):
         if block is not None and (block < 16 or block & (block - 1)):
             raise KernelInputError(f"{name} must be a power of two >= 16, got {block}")
-    bh, n, d = q.shape
+    n, d = q.shape[-2:]
+    batch, heads = (q.shape[0], 1) if q.dim() == 3 else q.shape[:2]
     scale = d**-0.5 if scale is None else scale
     block_m, block_n, block_d, num_warps, num_stages = _plan(n, d, q.dtype, block_m, block_n)
     dot_dtype = _TL_DTYPES[q.dtype]
@@ -204,11 +213,14 @@ def rel_pos_attention_triton(
         dot_dtype = tl.float32 if q.dtype == torch.bfloat16 else dot_dtype
         precision = "ieee"
 
-    out = utils.empty((bh, n, d), q.dtype, q.device)
-    _rel_pos_attention_kernel[(utils.cdiv(n, block_m), bh)](
+    if q.dim() == 3:
+        out = utils.empty((batch, n, d), q.dtype, q.device)
+    else:  # token-major: [B, N, heads, D] memory, so the output projection reads it without a copy
+        out = utils.empty((batch, n, heads, d), q.dtype, q.device).transpose(1, 2)
+    _rel_pos_attention_kernel[(utils.cdiv(n, block_m), batch * heads)](
         q, k, v, rel_h, rel_w, out,
-        n, d, grid_h, grid_w, scale * LOG2E,
-        *q.stride(), *k.stride(), *v.stride(), *rel_h.stride(), *rel_w.stride(), *out.stride(),
+        n, d, grid_h, grid_w, heads, scale * LOG2E,
+        *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(rel_h), *_strides4(rel_w), *_strides4(out),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         BLOCK_H=max(16, utils.next_power_of_2(grid_h)), BLOCK_W=max(16, utils.next_power_of_2(grid_w)),
         DOT_DTYPE=dot_dtype, PRECISION=precision, num_warps=num_warps, num_stages=num_stages,
@@ -228,6 +240,9 @@ def rel_pos_attention_ref(
     ``add_decomposed_rel_pos``): the explicit ``[BH, N, N]`` scores, the bias broadcast over the key grid,
     softmax, weighted sum. For fp32 inputs it is exactly upstream's sequence of operations."""
     grid_h, grid_w = _check(q, k, v, rel_h, rel_w)
+    if q.dim() == 4:  # [B, heads, N, .]: the same maths over B * heads rows
+        flat = [t.reshape(-1, *t.shape[2:]) for t in (q, k, v, rel_h, rel_w)]
+        return rel_pos_attention_ref(*flat, scale).view(q.shape)
     bh, n, d = q.shape
     scale = d**-0.5 if scale is None else scale
     qf, kf, vf = q.float(), k.float(), v.float()
@@ -252,13 +267,17 @@ def rel_pos_attention(
     """Self-attention over an ``H x W`` token grid with SAM's decomposed relative-position bias.
 
     Args:
-        q, k, v: ``[BH, N, D]`` (fp32/fp16/bf16, any strides), ``N = H * W`` tokens in row-major grid order.
-        rel_h: ``[BH, N, H]``, the bias of query i on every key in key-row r (``q_i . R_h[row(i) - r]``).
-        rel_w: ``[BH, N, W]``, the bias of query i on every key in key-column c.
+        q, k, v: ``[BH, N, D]`` or ``[B, heads, N, D]`` (fp32/fp16/bf16, any strides: the 4-D form reads the
+            heads straight out of a fused qkv projection), ``N = H * W`` tokens in row-major grid order.
+        rel_h: ``[BH, N, H]`` (or ``[B, heads, N, H]``), the bias of query i on every key in key-row r
+            (``q_i . R_h[row(i) - r]``).
+        rel_w: ``[BH, N, W]`` (or ``[B, heads, N, W]``), the bias of query i on every key in key-column c.
         scale: softmax scale of ``q . k``, default ``D ** -0.5`` (the bias is not scaled).
 
     Returns:
-        ``[BH, N, D]`` in q's dtype. Triton on CUDA, the PyTorch reference otherwise.
+        q's shape, in q's dtype. Triton on CUDA, the PyTorch reference otherwise. The Triton kernel returns a
+        4-D output as a view of ``[B, N, heads, D]`` memory (token-major: ``out.transpose(1, 2)`` is
+        contiguous).
     """
     if utils.use_triton(q):
         return rel_pos_attention_triton(q, k, v, rel_h, rel_w, scale)

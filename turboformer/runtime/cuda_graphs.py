@@ -7,7 +7,9 @@ inputs in before ``replay`` and reads outputs after. All buckets share one memor
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import gc
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -22,6 +24,28 @@ def bucket_for(rows: int, buckets: Sequence[int]) -> int:
     raise ValueError(f"{rows} rows exceed the engine's largest batch bucket ({max(buckets)}); build it with larger buckets")
 
 
+@contextlib.contextmanager
+def no_gc_during_capture() -> Iterator[None]:
+    """Collect garbage now, then keep Python's cyclic garbage collector off until the block ends.
+
+    Why: an engine and its graphs form reference cycles (a step closure holds the engine, the engine its
+    graphs), so a dropped engine's ``CUDAGraph`` objects are freed whenever the collector next runs. If that is
+    during another graph's capture (an allocation there can trigger it), their destruction calls the CUDA
+    runtime, which is not permitted while a stream is capturing, and the capture is invalidated: the
+    next kernel fails (``CUBLAS_STATUS_EXECUTION_FAILED``, ``cudaErrorStreamCaptureInvalidated``) after many
+    ``operation not permitted when stream is capturing (function reset)`` warnings. It happened on the H200
+    in a test session that had built and dropped several SAM engines before capturing another.
+    """
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def capture(fn: Callable[[], object], pool=None, warmup: int = 2) -> tuple[torch.cuda.CUDAGraph, object]:
     """Run ``fn`` ``warmup`` times on a side stream (Triton compiles, cuBLAS picks its algorithms), then capture
     one call into a graph in ``pool``. Returns (graph, what the captured call returned: its static outputs)."""
@@ -32,7 +56,7 @@ def capture(fn: Callable[[], object], pool=None, warmup: int = 2) -> tuple[torch
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
+    with no_gc_during_capture(), torch.cuda.graph(graph, pool=pool):
         outputs = fn()
     torch.cuda.synchronize()
     return graph, outputs
@@ -56,7 +80,7 @@ class GraphedStep:
         torch.cuda.current_stream().wait_stream(stream)
         for bucket in reversed(self.buckets):  # largest first: smaller graphs reuse its pool blocks
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            with no_gc_during_capture(), torch.cuda.graph(graph, pool=pool):
                 step(bucket)
             self.graphs[bucket] = graph
         torch.cuda.synchronize()

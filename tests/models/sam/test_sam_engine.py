@@ -223,9 +223,10 @@ def test_prepare_rejects_bad_options(tiny_checkpoint):
 
 @pytest.mark.parametrize("grid, heads, d", [(4, 2, 16), (5, 3, 8)])
 def test_attention_backends_agree(grid, heads, d):
+    """q, k, v as the encoder has them: [B, heads, N, D] views of one fused [B, N, 3, heads, D] projection."""
     g = torch.Generator().manual_seed(grid)
     n = grid * grid
-    q, k, v = (torch.randn(heads, n, d, generator=g) for _ in range(3))
+    q, k, v = torch.randn(2, n, 3, heads, d, generator=g).permute(2, 0, 3, 1, 4).unbind(0)
     table_h, table_w = (0.5 * torch.randn(2 * grid - 1, d, generator=g) for _ in range(2))
     rel_h, rel_w = decomposed_rel_pos(q, table_h, table_w, (grid, grid))
     with attention_backend("reference"):
@@ -235,6 +236,24 @@ def test_attention_backends_agree(grid, heads, d):
             torch.testing.assert_close(attention_with_rel_pos(q, k, v, rel_h, rel_w), expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="attention backend"), attention_backend("flash"):
         pass
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_patch_embedding_as_a_matmul_is_the_convolution(dtype):
+    """embed_patches (gathered 16 x 16 x 3 patches times the flattened kernel) against the stride-16 convolution
+    in fp64: fp32 to 1e-5; bf16 within the error of the bf16 convolution itself (x2)."""
+    from turboformer.models.sam.image_encoder import embed_patches
+
+    g = torch.Generator().manual_seed(9)
+    conv = torch.nn.Conv2d(3, 24, kernel_size=16, stride=16)
+    x = torch.randn(2, 3, 64, 48, generator=g)
+    gold = conv.double()(x.double()).permute(0, 2, 3, 1)
+    conv = conv.to(dtype)
+    got = embed_patches(conv, x.to(dtype))
+    assert got.shape == (2, 4, 3, 24) and got.dtype == dtype
+    err = (got.double() - gold).abs().max().item()
+    bound = 1e-5 if dtype == torch.float32 else 2 * (conv(x.to(dtype)).permute(0, 2, 3, 1).double() - gold).abs().max().item()
+    assert err <= bound, f"{dtype}: {err:.3g} > {bound:.3g}"
 
 
 def test_layer_norm_2d_low_precision_uses_fp32_statistics():

@@ -50,20 +50,20 @@ def decomposed_rel_pos(
     returned as its two factors so a kernel can add them per tile without building ``[N, N]``.
 
     Args:
-        q: queries, ``[B * heads, H * W, D]`` (unscaled).
+        q: queries, ``[..., H * W, D]`` (unscaled; ``[B * heads, ...]`` or ``[B, heads, ...]``, any strides).
         rel_pos_h, rel_pos_w: tables ``[2H - 1, D]`` and ``[2W - 1, D]``.
         grid: ``(H, W)``, the token grid the queries and keys lie on.
 
     Returns:
-        ``rel_h`` ``[B * heads, H, W, H]`` (indexed by key row) and ``rel_w`` ``[B * heads, H, W, W]``
-        (indexed by key column).
+        ``rel_h`` ``[..., H, W, H]`` (indexed by key row) and ``rel_w`` ``[..., H, W, W]`` (indexed by key
+        column).
     """
     h, w = grid
     r_h = rel_pos_h[relative_position_index(h, q.device)]  # [H(q), H(k), D]
     r_w = rel_pos_w[relative_position_index(w, q.device)]  # [W(q), W(k), D]
-    r_q = q.reshape(q.shape[0], h, w, q.shape[-1])  # [BH, H, W, D]
-    rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, r_h)
-    rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, r_w)
+    r_q = q.reshape(*q.shape[:-2], h, w, q.shape[-1])  # [..., H, W, D]
+    rel_h = torch.einsum("...hwc,hkc->...hwk", r_q, r_h)
+    rel_w = torch.einsum("...hwc,wkc->...hwk", r_q, r_w)
     return rel_h, rel_w
 
 
@@ -110,16 +110,17 @@ def attention_with_rel_pos(
     fp32 scores at low precision). :func:`attention_backend` picks one explicitly.
 
     Args:
-        q, k, v: ``[BH, N, D]`` with ``N = H * W``.
-        rel_h: ``[BH, H, W, H]``, broadcast over key columns.
-        rel_w: ``[BH, H, W, W]``, broadcast over key rows.
+        q, k, v: ``[B, heads, N, D]`` with ``N = H * W`` (any strides: views of the fused qkv projection).
+        rel_h: ``[B, heads, H, W, H]``, broadcast over key columns.
+        rel_w: ``[B, heads, H, W, W]``, broadcast over key rows.
 
     Returns:
-        ``[BH, N, D]``.
+        ``[B, heads, N, D]``; from the kernel a view of token-major ``[B, N, heads, D]`` memory, so that
+        ``out.transpose(1, 2)`` is contiguous for the output projection.
     """
-    bh, n, _ = q.shape
-    # [BH, H, W, H] -> [BH, N, H]: a view (decomposed_rel_pos returns contiguous terms)
-    rel_h, rel_w = rel_h.reshape(bh, n, -1), rel_w.reshape(bh, n, -1)
+    lead = q.shape[:-1]
+    # [B, heads, H, W, H] -> [B, heads, N, H]: a view (decomposed_rel_pos returns contiguous terms)
+    rel_h, rel_w = rel_h.reshape(*lead, -1), rel_w.reshape(*lead, -1)
     backend = _ATTENTION_BACKEND.get()
     if backend == "auto":
         if utils.use_triton(q) or q.device.type != "cuda" or q.dtype == torch.float32:
@@ -127,8 +128,9 @@ def attention_with_rel_pos(
         backend = "sdpa"  # CUDA fp16/bf16 with the kernels forced off (use_reference)
     if backend == "kernel":
         return rel_pos_attention_triton(q, k, v, rel_h, rel_w)
-    if backend == "sdpa":
-        return sdpa_with_rel_pos(q, k, v, rel_h, rel_w)
+    if backend == "sdpa":  # on [B * heads, N, .] (copies: a benchmark baseline)
+        flat = [t.reshape(-1, *t.shape[-2:]) for t in (q, k, v, rel_h, rel_w)]
+        return sdpa_with_rel_pos(*flat).view(q.shape)
     return rel_pos_attention_ref(q, k, v, rel_h, rel_w)
 
 
@@ -147,12 +149,11 @@ class RelPosAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``[B, H, W, C]`` (H = W = grid) -> ``[B, H, W, C]``."""
         b, h, w, _ = x.shape
-        # [B, HW, 3, heads, D] -> [3, B, heads, HW, D] -> three [B * heads, HW, D]
-        qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.reshape(3, b * self.num_heads, h * w, -1).unbind(0)
+        # [B, HW, 3, heads, D] -> three [B, heads, HW, D] views of the one projection (no copies)
+        q, k, v = self.qkv(x).view(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         rel_h, rel_w = decomposed_rel_pos(q, self.rel_pos_h, self.rel_pos_w, (h, w))
-        x = attention_with_rel_pos(q, k, v, rel_h, rel_w)  # [B * heads, HW, D]
-        x = x.view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
+        x = attention_with_rel_pos(q, k, v, rel_h, rel_w)  # [B, heads, HW, D]
+        x = x.transpose(1, 2).reshape(b, h, w, -1)  # a view of the kernel's token-major output
         return self.proj(x)
 
 
@@ -207,9 +208,21 @@ class EncoderBlock(nn.Module):
         if dtype == torch.float32:
             x = x + self.attend(self.norm1(x))
             return x + self.mlp(self.norm2(x))
-        h = layer_norm(x, self.norm1.weight, self.norm1.bias, self.norm1.eps, out_dtype=dtype)
+        x, mlp_out = self.forward_pending(x, None)
+        return x + mlp_out  # fp32 + branch dtype -> fp32
+
+    def forward_pending(self, x: torch.Tensor, pending: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The low-precision block with its last residual add left to the next block: takes the stream ``x``
+        (fp32) and the previous block's unadded MLP output ``pending`` (or None), returns ``(x, mlp_out)``
+        where the block's output is ``x + mlp_out``. The add is fused into the next block's first LayerNorm
+        (``add_layer_norm``), saving a pass over the fp32 stream per block."""
+        dtype = self.norm1.weight.dtype
+        if pending is None:
+            h = layer_norm(x, self.norm1.weight, self.norm1.bias, self.norm1.eps, out_dtype=dtype)
+        else:
+            x, h = add_layer_norm(x, pending, self.norm1.weight, self.norm1.bias, self.norm1.eps, out_dtype=dtype)
         x, h = add_layer_norm(x, self.attend(h), self.norm2.weight, self.norm2.bias, self.norm2.eps, out_dtype=dtype)
-        return x + self.mlp(h)  # fp32 + branch dtype -> fp32
+        return x, self.mlp(h)
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         """Windowed or global attention of normalised tokens ``[B, H, W, C]``."""
@@ -236,6 +249,19 @@ class Neck(nn.Module):
         return self.norm2(self.conv2(self.norm1(self.conv1(x))))
 
 
+def embed_patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """The patch embedding ``conv(x)`` (kernel = stride = p, no padding) as one matmul: ``[B, 3, S, S]`` ->
+    ``[B, S / p, S / p, C]``. Each output token is its ``3 x p x p`` patch dotted with the flattened kernel, so
+    the patches are gathered into ``[B, S/p, S/p, 3 p^2]`` rows (one copy) for a ``[.., 3 p^2] x [3 p^2, C]``
+    product. Why: cuDNN runs this bf16 convolution as an implicit SIMT GEMM (3.6 ms for a ViT-H batch of 8 on
+    an H200, against ~0.1 ms as a tensor-core matmul)."""
+    p = conv.kernel_size[0]
+    b, c, height, width = x.shape
+    patches = x.view(b, c, height // p, p, width // p, p).permute(0, 2, 4, 1, 3, 5)  # [B, S/p, S/p, 3, p, p]
+    patches = patches.reshape(b, height // p, width // p, c * p * p)
+    return F.linear(patches, conv.weight.view(conv.out_channels, -1), conv.bias)
+
+
 class ImageEncoder(nn.Module):
     """ViT image encoder: ``[B, 3, S, S]`` normalised pixels -> ``[B, prompt_dim, S / 16, S / 16]``."""
 
@@ -257,13 +283,24 @@ class ImageEncoder(nn.Module):
         )
         self.neck = Neck(dim, config.prompt_embed_dim)
 
+    def embed_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, S, S]`` -> ``[B, S / 16, S / 16, C]``: upstream's convolution in fp32 (the parity path), the
+        same maths as one matmul in fp16/bf16 (:func:`embed_patches`)."""
+        if x.dtype == torch.float32:
+            return self.patch_embed(x).permute(0, 2, 3, 1)
+        return embed_patches(self.patch_embed, x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``[B, 3, S, S]`` -> ``[B, prompt_dim, S / 16, S / 16]``."""
         dtype = self.pos_embed.dtype
-        x = self.patch_embed(x).permute(0, 2, 3, 1)  # [B, 64, 64, C]
+        x = self.embed_patches(x)  # [B, 64, 64, C]
         x = x + self.pos_embed
-        if dtype != torch.float32:
-            x = x.float()  # the residual stream of a low-precision encoder (see EncoderBlock)
-        for block in self.blocks:
-            x = block(x)
+        if dtype == torch.float32:
+            for block in self.blocks:
+                x = block(x)
+        else:
+            x, pending = x.float(), None  # the residual stream of a low-precision encoder (see EncoderBlock)
+            for block in self.blocks:
+                x, pending = block.forward_pending(x, pending)
+            x = x + pending
         return self.neck(x.to(dtype).permute(0, 3, 1, 2))  # [B, 256, 64, 64]

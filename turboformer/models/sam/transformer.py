@@ -10,29 +10,19 @@ width (``attention_downsample_rate``) to save compute over the 4096 image tokens
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from turboformer.kernels.heads_attention import heads_attention
+from turboformer.kernels.layer_norm import add_layer_norm, layer_norm
 
 from .config import SamConfig
 from .layers import FeedForward
 
-SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``softmax(q k^T / sqrt(D)) v`` on ``[B, heads, N, D]`` tensors.
-
-    fp32 runs upstream's explicit maths op for op (the parity path). fp16/bf16 runs PyTorch's fused
-    scaled-dot-product attention (flash / memory-efficient kernels on CUDA): the same maths with the
-    softmax in fp32 and no ``[B, heads, Nq, Nk]`` score tensor in memory, which matters for the
-    image-to-token attention (4096 queries per prompt) at a batch of 64 prompts.
-    """
-    if q.dtype != torch.float32:
-        # not the cuDNN backend: on the H200 (torch 2.11) it failed inside CUDA-graph capture with
-        # CUDNN_STATUS_INTERNAL_ERROR at some prompt-batch shapes
-        with sdpa_kernel(SDPA_BACKENDS):
-            return F.scaled_dot_product_attention(q, k, v)
+    """``softmax(q k^T / sqrt(D)) v`` on ``[B, heads, N, D]`` tensors (a batch of 1 broadcasts): upstream's
+    maths op for op, the fp32 parity path. fp16/bf16 decoders run
+    :func:`~turboformer.kernels.heads_attention.heads_attention` instead (see :class:`Attention`)."""
     attn = q @ k.permute(0, 1, 3, 2)  # [B, heads, Nq, Nk]
     attn = torch.softmax(attn / math.sqrt(q.shape[-1]), dim=-1)
     return attn @ v
@@ -56,10 +46,32 @@ class Attention(nn.Module):
         return x.reshape(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """``q`` ``[B, Nq, C]``, ``k`` and ``v`` ``[B, Nk, C]`` -> ``[B, Nq, C]``."""
-        out = attention(self._heads(self.q_proj(q)), self._heads(self.k_proj(k)), self._heads(self.v_proj(v)))
+        """``q`` ``[B, Nq, C]``, ``k`` and ``v`` ``[B, Nk, C]`` -> ``[B, Nq, C]``; a batch of 1 on either side is
+        shared by the other's B.
+
+        fp16/bf16: one fused attention over the projections' ``[B, N, heads * D]`` outputs, fp32 softmax
+        (:func:`~turboformer.kernels.heads_attention.heads_attention`: Triton on CUDA; the decoder's attentions
+        pit ~7 prompt tokens against 4096 image tokens, which batched matmuls handle badly). fp32: upstream's
+        ops."""
+        q, k, v = self.q_proj(q), self.k_proj(k), self.v_proj(v)
+        if q.dtype != torch.float32:
+            return self.out_proj(heads_attention(q, k, v, self.num_heads))
+        out = attention(self._heads(q), self._heads(k), self._heads(v))
         b, heads, n, d = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n, heads * d))
+
+
+def add_norm(x: torch.Tensor, delta: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+    """``norm(x + delta)``. In fp16/bf16 with equal shapes it is one fused pass (``add_layer_norm``: Triton on
+    CUDA) with the same rounding: the sum rounded to the dtype, then fp32 statistics. Used on the image tokens
+    (``[B, 4096, C]``: two full passes saved per layer at 64 prompts). A shared x (batch 1, the first layer)
+    is added first and normalised by the Triton LayerNorm (PyTorch's took 0.7 ms for ``[64, 4096, 256]``
+    fp16 on the H200, ~5x the Triton pass)."""
+    if x.dtype == torch.float32:
+        return norm(x + delta)
+    if x.shape == delta.shape:
+        return add_layer_norm(x, delta, norm.weight, norm.bias, norm.eps)[1]
+    return layer_norm(x + delta, norm.weight, norm.bias, norm.eps)
 
 
 class TwoWayAttentionBlock(nn.Module):
@@ -81,7 +93,8 @@ class TwoWayAttentionBlock(nn.Module):
     def forward(
         self, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor, key_pe: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``queries``/``query_pe`` ``[B, Nt, C]`` tokens, ``keys``/``key_pe`` ``[B, 4096, C]`` image."""
+        """``queries``/``query_pe`` ``[B, Nt, C]`` tokens, ``keys`` ``[B or 1, 4096, C]`` image (a batch of 1
+        is shared by every prompt: it becomes B wide at the image-to-token update), ``key_pe`` ``[1, 4096, C]``."""
         if self.skip_first_layer_pe:
             queries = self.self_attn(queries, queries, queries)  # replaces, no residual (upstream)
         else:
@@ -89,13 +102,14 @@ class TwoWayAttentionBlock(nn.Module):
             queries = queries + self.self_attn(q, q, queries)
         queries = self.norm1(queries)
 
-        q, k = queries + query_pe, keys + key_pe
+        k = keys + key_pe  # both cross-attentions use it; upstream computes it twice (same values)
+        q = queries + query_pe
         queries = self.norm2(queries + self.cross_attn_token_to_image(q, k, keys))
 
         queries = self.norm3(queries + self.mlp(queries))
 
-        q, k = queries + query_pe, keys + key_pe
-        keys = self.norm4(keys + self.cross_attn_image_to_token(k, q, queries))
+        q = queries + query_pe
+        keys = add_norm(keys, self.cross_attn_image_to_token(k, q, queries), self.norm4)
         return queries, keys
 
 
@@ -115,15 +129,16 @@ class TwoWayTransformer(nn.Module):
         """Run the decoder transformer.
 
         Args:
-            image: ``[B, C, h, w]`` image embedding (plus dense prompt).
-            image_pe: ``[B, C, h, w]`` its position encoding.
+            image: ``[B, C, h, w]`` image embedding (plus dense prompt), or ``[1, C, h, w]`` shared by the B
+                prompts (their image-side work up to the first image-to-token attention is done once).
+            image_pe: ``[1, C, h, w]`` its position encoding.
             tokens: ``[B, Nt, C]`` output tokens and sparse prompt tokens (also their own "pe").
 
         Returns:
             tokens ``[B, Nt, C]`` and image tokens ``[B, h * w, C]``.
         """
-        keys = image.flatten(2).permute(0, 2, 1)  # [B, hw, C]
-        key_pe = image_pe.flatten(2).permute(0, 2, 1)
+        keys = image.flatten(2).permute(0, 2, 1)  # [B or 1, hw, C]
+        key_pe = image_pe.flatten(2).permute(0, 2, 1).contiguous()  # [1, hw, C]
         queries = tokens
         for layer in self.layers:
             queries, keys = layer(queries, keys, tokens, key_pe)
