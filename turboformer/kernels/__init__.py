@@ -27,8 +27,9 @@ re-exports only the switch, so each op's name keeps naming its module.
 | ``depthwise_conv.py`` | ``depthwise_conv1d`` (+ folded BatchNorm, SiLU; Conformer) |
 | ``rel_pos_attention.py`` | ``rel_pos_attention`` (flash attention + SAM's decomposed rel-pos) |
 | ``pos_bias_attention.py`` | ``pos_bias_attention`` (flash attention + Transformer-XL position bias and mask; Conformer) |
-| ``channel_layer_norm.py`` | ``channel_layer_norm`` (LayerNorm over NCHW channels, optional GELU; SAM upscaler, not yet wired in) |
-| ``mask_head.py`` | ``mask_head`` (ConvTranspose2d k2 s2 + GELU + hypernetwork product, fp32 logits; SAM, not yet wired in) |
+| ``channel_layer_norm.py`` | ``channel_layer_norm`` (bias + LayerNorm over NCHW/NHWC channels, optional GELU; SAM upscaler) |
+| ``mask_head.py`` | ``mask_head`` (ConvTranspose2d k2 s2 + GELU + hypernetwork product, fp32 logits; SAM upscaler) |
+| ``heads_attention.py`` | ``heads_attention`` (flash attention on ``[B, N, heads * D]`` projections, shared side; SAM decoder) |
 
 Every op's tests run under the interpreter in CI and at real shapes on an H200 (``cuda``-marked tests).
 """

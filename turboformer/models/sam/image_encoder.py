@@ -151,6 +151,9 @@ class RelPosAttention(nn.Module):
         b, h, w, _ = x.shape
         # [B, HW, 3, heads, D] -> three [B, heads, HW, D] views of the one projection (no copies)
         q, k, v = self.qkv(x).view(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        # The rel-pos terms' einsum wants q contiguous per (image, head): one copy of q (not of k and v); on the
+        # strided view torch's einsum makes slower copies of its own (ViT-H batch 1: 30-39 vs 44 images/s)
+        q = q.reshape(b * self.num_heads, h * w, -1).view(q.shape)
         rel_h, rel_w = decomposed_rel_pos(q, self.rel_pos_h, self.rel_pos_w, (h, w))
         x = attention_with_rel_pos(q, k, v, rel_h, rel_w)  # [B, heads, HW, D]
         x = x.transpose(1, 2).reshape(b, h, w, -1)  # a view of the kernel's token-major output
