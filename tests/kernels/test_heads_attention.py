@@ -33,7 +33,7 @@ def sdpa_gold(q, k, v, heads, dtype=torch.float64):
     batch = max(q.shape[0], k.shape[0])
 
     def split(t):
-        b, n, width = t.shape
+        _, n, width = t.shape
         return t.expand(batch, n, width).reshape(batch, n, heads, width // heads).permute(0, 2, 1, 3).to(dtype)
 
     out = F.scaled_dot_product_attention(split(q), split(k), split(v))  # [B, heads, Nq, D]

@@ -30,7 +30,6 @@ from turboformer.kernels.utils import KernelInputError, tl, triton
 
 LOG2E = 1.4426950408889634  # softmax in base 2: exp(x) = exp2(x * log2(e))
 MAX_HEAD_DIM = 128
-_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 @triton.jit
@@ -142,13 +141,7 @@ def heads_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, he
     if batch == 0 or num_q == 0:
         return out
     block_m, block_n, block_d, num_warps = _plan(num_q, num_k, head_dim, q.dtype)
-    dot_dtype = _TL_DTYPES[q.dtype]
-    precision = "tf32"  # Triton's default; only read for fp32 operands
-    if q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        precision = "ieee"
-    if utils.interpreting():  # numpy cannot multiply bf16: exact fp32 copies, exact fp32 products
-        dot_dtype = tl.float32 if q.dtype == torch.bfloat16 else dot_dtype
-        precision = "ieee"
+    dot_dtype, precision = utils.dot_settings(q.dtype)
 
     def batch_strides(t: torch.Tensor) -> tuple[int, int, int]:
         return (0 if t.shape[0] == 1 else t.stride(0)), t.stride(1), t.stride(2)

@@ -35,7 +35,6 @@ from turboformer.kernels.utils import KernelInputError, tl, triton
 
 MAX_CHANNELS = 128  # Cin and Cout: a [BLOCK_P, Cin] tile and four [Cin, Cout] slices in registers
 MAX_MASKS = 64
-_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 @triton.jit
@@ -154,13 +153,7 @@ def mask_head_triton(
     # Untuned starting point: 128 input pixels (512 output pixels) per program on 4 warps; the fp16
     # [128, 64] input tile is 32 registers per thread, z [128, 32] fp32 another 32.
     block_p = block_p or min(128, max(16, utils.next_power_of_2(hw)))
-    dot_dtype = _TL_DTYPES[y.dtype]
-    precision = "tf32"  # Triton's default; only read for fp32 operands
-    if y.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        precision = "ieee"
-    if utils.interpreting():  # numpy cannot multiply bf16: exact fp32 copies, exact fp32 products
-        dot_dtype = tl.float32 if y.dtype == torch.bfloat16 else dot_dtype
-        precision = "ieee"
+    dot_dtype, precision = utils.dot_settings(y.dtype)
     _mask_head_kernel[(utils.cdiv(hw, block_p), batch)](
         y, weight, bias, hyper, out, cin, cout, num_masks, height, width,
         y.stride(0), y.stride(1), y.stride(3) if width > 1 else y.stride(2),

@@ -39,7 +39,6 @@ from turboformer.kernels.utils import KernelInputError, tl, triton
 
 LOG2E = 1.4426950408889634  # softmax in base 2: exp(x) = exp2(x * log2(e))
 MAX_HEAD_DIM = 256
-_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 @triton.jit
@@ -212,13 +211,7 @@ def pos_bias_attention_triton(
     batch, t, heads, d = q.shape
     s = k.shape[2]
     block_m, block_n, block_d, num_warps, num_stages = _plan(s, d, q.dtype, block_m, block_n)
-    dot_dtype = _TL_DTYPES[q.dtype]
-    precision = "tf32"  # Triton's default; only read for fp32 operands
-    if q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        precision = "ieee"
-    if utils.interpreting():  # numpy cannot multiply bf16: exact fp32 copies, exact fp32 products
-        dot_dtype = tl.float32 if q.dtype == torch.bfloat16 else dot_dtype
-        precision = "ieee"
+    dot_dtype, precision = utils.dot_settings(q.dtype)
 
     # Broadcast dimensions read with stride 0: a shared p (batch 1), a key-padding mask (one row for all T).
     p_strides = (0 if p.shape[0] == 1 else p.stride(0), *p.stride()[1:])

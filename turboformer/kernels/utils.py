@@ -187,3 +187,17 @@ def multiprocessor_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
     return _cuda_multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def dot_settings(dtype: torch.dtype) -> tuple[object, str]:
+    """``(DOT_DTYPE, PRECISION)`` for a kernel's ``tl.dot`` on inputs of ``dtype``: the inputs' own type, and
+    IEEE fp32 products for fp32 inputs unless ``torch.backends.cuda.matmul.allow_tf32`` is set (as
+    ``torch.matmul``). Under the interpreter bf16 products run on exact fp32 copies (numpy has no bf16 dot)."""
+    dot_dtype = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
+    precision = "tf32"  # Triton's default; only read for fp32 operands
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        precision = "ieee"
+    if interpreting():
+        dot_dtype = tl.float32 if dtype == torch.bfloat16 else dot_dtype
+        precision = "ieee"
+    return dot_dtype, precision
