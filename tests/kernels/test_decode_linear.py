@@ -34,6 +34,7 @@ EPS = 1e-5
 def bound_of(gold, torch_lowp, dtype):
     bound = 2 * (torch_lowp.double() - gold).abs().max().item() + 1e-6
     bound += 8 * torch.finfo(torch.float32).eps * gold.abs().max().item()
+    bound += 0.5 * torch.finfo(dtype).eps * gold.abs().max().item()  # the output's own rounding (kernel_tolerance)
     if dtype == torch.bfloat16 and utils.interpreting():
         bound += gold.abs().max().item() * 2**-7
     return bound
