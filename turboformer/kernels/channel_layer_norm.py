@@ -85,12 +85,6 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, shift: tor
         utils.check_vector("shift", shift, x.shape[1])
 
 
-def _pixel_strides(x: torch.Tensor) -> tuple[int, int, int]:
-    """(batch, channel, pixel) strides of an NCHW- or channels-last-contiguous ``[B, C, H, W]`` map, whose
-    pixels lie one pixel stride apart in row-major order."""
-    return x.stride(0), x.stride(1), x.stride(3) if x.shape[3] > 1 else x.stride(2)
-
-
 def channel_layer_norm_triton(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -103,8 +97,8 @@ def channel_layer_norm_triton(
 ) -> torch.Tensor:
     """:func:`channel_layer_norm` with the Triton kernel (up to ``MAX_CHANNELS`` channels). NCHW and
     channels-last maps are read in place and the output has x's layout; any other ``x`` is copied to NCHW
-    first. ``block_p`` (pixels per program, a power of two) overrides the default (``8192 / BLOCK_C``, at least 32: 128 pixels = 256 contiguous bytes per fp16 channel row at C = 64), for
-    tests and tuning."""
+    first. ``block_p`` (pixels per program, a power of two) overrides the default (``8192 / BLOCK_C``, at
+    least 32: 128 pixels = 256 contiguous bytes per fp16 channel row at C = 64), for tests and tuning."""
     _check(x, weight, bias, shift)
     utils.check_launchable(*(t for t in (x, weight, bias, shift) if t is not None))
     batch, channels, height, width = x.shape
@@ -112,11 +106,10 @@ def channel_layer_norm_triton(
         raise KernelInputError(f"{channels} channels exceed the kernel's {MAX_CHANNELS}; use channel_layer_norm_ref")
     if block_p is not None and (block_p < 1 or block_p & (block_p - 1)):
         raise KernelInputError(f"block_p must be a power of two, got {block_p}")
-    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    x, channels_last = utils.dense_map(x)
     if channels_last:
         out = utils.empty((batch, height, width, channels), x.dtype, x.device).permute(0, 3, 1, 2)
     else:
-        x = x.contiguous()
         out = utils.empty(tuple(x.shape), x.dtype, x.device)
     hw = height * width
     if batch > 0 and hw > 0:
@@ -125,7 +118,7 @@ def channel_layer_norm_triton(
         grid = (utils.cdiv(hw, block_p), batch)
         _channel_layer_norm_kernel[grid](
             x, weight, bias, out, bias if shift is None else shift, channels, hw,
-            *_pixel_strides(x), *_pixel_strides(out), float(eps),
+            *utils.map_strides(x), *utils.map_strides(out), float(eps),
             GELU=gelu, SHIFT=shift is not None, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=4,
         )  # fmt: skip
     return out

@@ -143,8 +143,7 @@ def mask_head_triton(
         )
     if block_p is not None and (block_p < 16 or block_p & (block_p - 1)):
         raise KernelInputError(f"block_p must be a power of two >= 16, got {block_p}")
-    if not y.is_contiguous(memory_format=torch.channels_last):
-        y = y.contiguous()  # NCHW unless already channels-last; both are read in place
+    y, _ = utils.dense_map(y)  # NCHW or channels-last, both read in place
     weight, hyper = weight.contiguous(), hyper.contiguous()
     out = utils.empty((batch, num_masks, 2 * height, 2 * width), torch.float32, y.device)
     hw = height * width
@@ -156,7 +155,7 @@ def mask_head_triton(
     dot_dtype, precision = utils.dot_settings(y.dtype)
     _mask_head_kernel[(utils.cdiv(hw, block_p), batch)](
         y, weight, bias, hyper, out, cin, cout, num_masks, height, width,
-        y.stride(0), y.stride(1), y.stride(3) if width > 1 else y.stride(2),
+        *utils.map_strides(y),
         BLOCK_P=block_p,
         BLOCK_CIN=max(16, utils.next_power_of_2(cin)),
         BLOCK_COUT=max(16, utils.next_power_of_2(cout)),

@@ -201,3 +201,17 @@ def dot_settings(dtype: torch.dtype) -> tuple[object, str]:
         dot_dtype = tl.float32 if dtype == torch.bfloat16 else dot_dtype
         precision = "ieee"
     return dot_dtype, precision
+
+
+def dense_map(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """A ``[B, C, H, W]`` map as the map kernels read it in place: ``(x, True)`` when channels-last, else
+    ``(x.contiguous(), False)`` (NCHW; a map in neither layout is copied)."""
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return x, True
+    return x.contiguous(), False
+
+
+def map_strides(x: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, channel, pixel) strides of an NCHW or channels-last map from :func:`dense_map`: its pixels lie one
+    pixel stride apart in row-major order."""
+    return x.stride(0), x.stride(1), x.stride(3) if x.shape[3] > 1 else x.stride(2)

@@ -78,11 +78,12 @@ class GraphedStep:
                 for _ in range(warmup):
                     step(bucket)
         torch.cuda.current_stream().wait_stream(stream)
-        for bucket in reversed(self.buckets):  # largest first: smaller graphs reuse its pool blocks
-            graph = torch.cuda.CUDAGraph()
-            with no_gc_during_capture(), torch.cuda.graph(graph, pool=pool):
-                step(bucket)
-            self.graphs[bucket] = graph
+        with no_gc_during_capture():  # one collection for all the buckets' captures
+            for bucket in reversed(self.buckets):  # largest first: smaller graphs reuse its pool blocks
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    step(bucket)
+                self.graphs[bucket] = graph
         torch.cuda.synchronize()
 
     def run(self, bucket: int) -> None:

@@ -4,17 +4,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from turboformer.kernels.channel_layer_norm import channel_layer_norm
+from turboformer.kernels.channel_layer_norm import channel_layer_norm, channel_layer_norm_ref
 
 
 class LayerNorm2d(nn.Module):
     """LayerNorm over the channels of a ``[B, C, H, W]`` map (ConvNeXt, arXiv 2201.03545).
 
-    Written out (mean, variance, rsqrt) in the same order as upstream SAM so the fp32 path is bit-exact
-    with it; ``F.layer_norm`` on a permuted view computes the same maths in another order. fp16/bf16
-    inputs are normalised in fp32 (statistics over up to 256 channels lose digits in 8 mantissa bits)
-    and the result cast back, in one Triton pass on CUDA
-    (:func:`~turboformer.kernels.channel_layer_norm.channel_layer_norm`, whose reference is this maths).
+    fp32 runs upstream SAM's ops (mean, variance, sqrt, affine) in its order, bit-exact with it
+    (:func:`~turboformer.kernels.channel_layer_norm.channel_layer_norm_ref`); ``F.layer_norm`` on a permuted
+    view computes the same maths in another order. fp16/bf16 inputs are normalised in fp32 (statistics over up
+    to 256 channels lose digits in 8 mantissa bits) and the result cast back, in one Triton pass on CUDA
+    (:func:`~turboformer.kernels.channel_layer_norm.channel_layer_norm`).
     """
 
     def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
@@ -27,13 +27,7 @@ class LayerNorm2d(nn.Module):
         """``x``: ``[B, C, H, W]`` -> ``[B, C, H, W]``."""
         if x.dtype != torch.float32:
             return channel_layer_norm(x, self.weight, self.bias, self.eps)
-        return self._normalize(x)
-
-    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
-        mean = x.mean(1, keepdim=True)  # [B, 1, H, W]
-        var = (x - mean).pow(2).mean(1, keepdim=True)  # biased variance, [B, 1, H, W]
-        x = (x - mean) / torch.sqrt(var + self.eps)
-        return self.weight[:, None, None].to(x.dtype) * x + self.bias[:, None, None].to(x.dtype)
+        return channel_layer_norm_ref(x, self.weight, self.bias, self.eps)  # upstream's ops, in its order
 
 
 class FeedForward(nn.Module):
