@@ -4,17 +4,20 @@ For each model size (upstream's own random init, real dimensions, loaded into ou
 batch size, on real photos from scikit-image resized and padded to SAM's 1024 frame:
 - image encoder: images/s (CUDA events, median) and achieved TFLOP/s against the encoder's FLOPs (below), with
   the measured bf16 matmul peak as the ceiling; peak GPU memory of one encoder pass. Variants:
-  ``ours bf16`` (fp32 residual stream, bf16 branches, the fused rel-pos flash attention, fused residual +
-  LayerNorm), ``ours int8`` (the same with weight-only INT8 linears), ``ours SDPA`` (ours in bf16 with torch
-  SDPA and the bias as an explicit [N, N] additive mask instead of the fused kernel: segment-anything-fast's
-  fallback), ``upstream fp32`` and ``upstream bf16`` (``ImageEncoderViT`` eager, explicit attention);
+  ``ours bf16`` (fp32 residual stream, bf16 branches, the fused window/rel-pos flash attention, fused
+  residual + LayerNorm), ``ours int8`` (the same with weight-only INT8 linears), ``ours SDPA`` (ours in bf16
+  with upstream's window partition and rel-pos einsums and torch SDPA with the bias as an explicit [N, N]
+  additive mask instead of the fused kernel: segment-anything-fast's fallback), ``upstream fp32`` and
+  ``upstream bf16`` (``ImageEncoderViT`` eager, explicit attention);
 - mask decoder per prompt batch (1 and 64 one-point prompts, all four masks): ours (bucketed CUDA graphs,
   fp16 decoder of the bf16 model) and ours eager (same dtype, no graphs) against upstream's prompt encoder +
   mask decoder in fp32 on the same weights, with the speedup;
 - prompt-to-mask latency: one point + one box prompt in original-image pixels to boolean masks at the
   original size (``SamPredictor.predict``), image already embedded, wall clock after a device sync;
-- the attention alone at each block type (14 x 14 windows, the 64 x 64 global grid): ours vs torch SDPA in
-  bf16 with the explicit additive mask vs the eager reference, in TFLOP/s of ``4 N^2 D`` per (image, head).
+- the attention alone at each block type (14 x 14 windows, the 64 x 64 global grid), from the qkv projection
+  to the output projection's input: ours (one kernel) vs upstream's layout with torch SDPA in bf16 and the
+  explicit additive mask (window partition, einsums, SDPA, unpartition) vs the eager reference, in TFLOP/s of
+  ``4 T n D`` per (image, head) for T = 4096 real queries over n keys (196 in a window, T globally).
 
 fp32 runs with PyTorch's defaults (no TF32 for matmuls), as upstream users get them.
 
@@ -40,14 +43,10 @@ from functools import partial
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from turboformer.benchmark.common import median_ms, write_results
 from turboformer.kernels import use_reference
-from turboformer.kernels.rel_pos_attention import (
-    rel_pos_attention,
-    rel_pos_attention_ref,
-)
+from turboformer.kernels.window_attention import window_attention, window_attention_ref
 from turboformer.models.sam import (
     SAM_CONFIGS,
     SamConfig,
@@ -56,7 +55,7 @@ from turboformer.models.sam import (
     load_sam,
 )
 from turboformer.models.sam.engine import PromptDecoderEngine, prepare_sam
-from turboformer.models.sam.image_encoder import attention_backend
+from turboformer.models.sam.image_encoder import attention_backend, sdpa_attention
 from turboformer.models.sam.transforms import normalize_and_pad, resize_image
 
 IMAGES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry")  # skimage.data photos
@@ -86,19 +85,19 @@ def encoder_flops(config: SamConfig, batch: int) -> float:
     """Multiply-adds x 2 of one encoder pass (the matmuls and convolutions; norms and softmax ignored).
 
     Per image, T = grid^2 tokens of width C: qkv 6TC^2, proj 2TC^2, MLP 4TC*mlp; attention 4 T n C over n keys
-    per query (n = window^2 on the window-padded grid, n = T in global blocks) plus the rel-pos terms
-    2 T (H + W) C; patch embedding 2 T C (3 * 16^2); neck 2 T C 256 + 2 T 256^2 * 9.
+    per query (n = window^2 keys in a window, n = T in global blocks; T real queries: upstream also computes
+    the padded windows' queries and drops them, work not counted here) plus the rel-pos terms 2 T (H + W) C;
+    patch embedding 2 T C (3 * 16^2); neck 2 T C 256 + 2 T 256^2 * 9.
     """
     c, grid, win = config.encoder_embed_dim, config.image_embedding_size, config.encoder_window_size
     t = grid * grid
-    padded = (-(-grid // win) * win) ** 2
     total = 2 * t * c * 3 * config.patch_size**2
     for i in range(config.encoder_depth):
         total += 8 * t * c * c + 4 * t * c * config.encoder_mlp_dim
         if i in config.encoder_global_attn_indexes:
             total += 4 * t * t * c + 4 * t * grid * c
         else:
-            total += 4 * padded * win * win * c + 4 * padded * win * c
+            total += 4 * t * win * win * c + 4 * t * win * c
     out = config.prompt_embed_dim
     total += 2 * t * c * out + 2 * t * out * out * 9
     return batch * total
@@ -202,22 +201,19 @@ def bench_encoder(model, pixels, photos, device, timer, repeat, flops, context=c
             "peak_GiB": memory, "prompt_ms": latency}
 
 
-def time_attention(bh: int, side: int, d: int, device, dtype, timer: Timer) -> dict:
-    """One attention shape (``bh`` grids of ``side x side`` tokens, head dim ``d``): ours, torch SDPA with the
-    bias as an explicit additive ``[BH, N, N]`` mask, and the eager reference; ms and TFLOP/s of ``4 N^2 D``."""
-    n = side * side
-    q, k, v = (torch.randn(bh, n, d, device=device, dtype=dtype) for _ in range(3))
-    rel_h, rel_w = (torch.randn(bh, n, side, device=device, dtype=dtype) for _ in range(2))
-    cols = torch.arange(n, device=device)
-
-    def sdpa():
-        mask = rel_h[:, :, cols // side] + rel_w[:, :, cols % side]  # [BH, N, N]
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
-    row = {"ours_ms": timer.ms(lambda: rel_pos_attention(q, k, v, rel_h, rel_w)), "sdpa_ms": timer.ms(sdpa)}
+def time_attention(batch: int, grid: int, window: int, heads: int, d: int, device, dtype, timer: Timer) -> dict:
+    """One block type's attention on a ``grid x grid`` projection ``[B, grid, grid, 3 heads D]`` (window 0:
+    global): ours, upstream's layout with SDPA and an explicit additive mask, the eager reference; ms and
+    TFLOP/s of ``4 T n D`` per (image, head) (T real queries, n keys each)."""
+    side = window or grid
+    qkv = torch.randn(batch, grid, grid, 3 * heads * d, device=device, dtype=dtype)
+    bias = torch.randn(3 * heads * d, device=device, dtype=dtype)
+    table_h, table_w = (0.5 * torch.randn(2 * side - 1, d, device=device, dtype=dtype) for _ in range(2))
+    args = (qkv, bias, table_h, table_w, heads, window)
+    row = {"ours_ms": timer.ms(lambda: window_attention(*args)), "sdpa_ms": timer.ms(lambda: sdpa_attention(*args))}
     with use_reference():
-        row["eager_ms"] = timer.ms(lambda: rel_pos_attention_ref(q, k, v, rel_h, rel_w))
-    flops = 4 * bh * n * n * d
+        row["eager_ms"] = timer.ms(lambda: window_attention_ref(*args))
+    flops = 4 * batch * heads * grid * grid * side * side * d
     return row | {f"{name}_TFLOPs": flops / row[f"{name}_ms"] / 1e9 for name in ("ours", "sdpa", "eager")}
 
 
@@ -225,10 +221,9 @@ def bench_attention(config: SamConfig, batch: int, device, dtype, timer: Timer) 
     """The attention op alone at the model's window and global shapes."""
     d = config.encoder_embed_dim // config.encoder_num_heads
     grid, win, heads = config.image_embedding_size, config.encoder_window_size, config.encoder_num_heads
-    windows = (-(-grid // win)) ** 2
     return {
-        "window": time_attention(batch * windows * heads, win, d, device, dtype, timer),
-        "global": time_attention(batch * heads, grid, d, device, dtype, timer),
+        "window": time_attention(batch, grid, win, heads, d, device, dtype, timer),
+        "global": time_attention(batch, grid, 0, heads, d, device, dtype, timer),
     }
 
 
@@ -389,8 +384,10 @@ def markdown(results: dict) -> str:
                 f"| {name} | {batch} | {d['ours_ms']:.3f} | {d['ours_eager_ms']:.3f} "
                 f"| {d.get('upstream_fp32_ms', float('nan')):.3f} | {d.get('speedup', float('nan')):.1f}x |"
             )
-    lines += ["", "Attention alone, bf16, TFLOP/s of 4 N^2 D per (image, head) (ms):", "",
-              "| model | batch | block | ours | SDPA + additive mask | eager |", "|---|---|---|---|---|---|"]
+    lines += ["", ("Attention alone (qkv projection in, token-major output), bf16, TFLOP/s of 4 T n D per (image, "
+                   "head), T real queries over n keys (ms):"), "",
+              "| model | batch | block | ours | upstream layout + SDPA + additive mask | eager |",
+              "|---|---|---|---|---|---|"]
     for name, entry in results["models"].items():
         for batch, row in entry["rows"].items():
             for kind, a in row["attention_bf16"].items():

@@ -25,7 +25,7 @@ re-exports only the switch, so each op's name keeps naming its module.
 | ``kv_cache_write.py`` | ``kv_cache_write`` (one step's K and V into a static cache, per-row columns) |
 | ``dynamic_conv.py`` | ``dynamic_conv``, ``dynamic_conv_step`` (Lite Transformer) |
 | ``depthwise_conv.py`` | ``depthwise_conv1d`` (+ folded BatchNorm, SiLU; Conformer) |
-| ``rel_pos_attention.py`` | ``rel_pos_attention`` (flash attention + SAM's decomposed rel-pos) |
+| ``window_attention.py`` | ``window_attention`` (SAM encoder attention from the fused qkv: windows, padding, rel-pos) |
 | ``pos_bias_attention.py`` | ``pos_bias_attention`` (flash attention + Transformer-XL position bias and mask; Conformer) |
 | ``channel_layer_norm.py`` | ``channel_layer_norm`` (bias + LayerNorm over NCHW/NHWC channels, optional GELU; SAM upscaler) |
 | ``mask_head.py`` | ``mask_head`` (ConvTranspose2d k2 s2 + GELU + hypernetwork product, fp32 logits; SAM upscaler) |

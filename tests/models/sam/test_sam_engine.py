@@ -15,6 +15,8 @@ import pytest
 import torch
 
 from turboformer.eval.segmentation import mask_iou  # per mask pair: a 0-d array
+from turboformer.kernels import poison_buffers, use_reference, utils
+from turboformer.kernels import window_attention as window_op
 from turboformer.models.sam import (
     AutomaticMaskOptions,
     SamAutomaticMaskGenerator,
@@ -23,11 +25,7 @@ from turboformer.models.sam import (
 )
 from turboformer.models.sam.cli import add_parser
 from turboformer.models.sam.engine import PromptDecoderEngine, PromptLayout, prepare_sam
-from turboformer.models.sam.image_encoder import (
-    attention_backend,
-    attention_with_rel_pos,
-    decomposed_rel_pos,
-)
+from turboformer.models.sam.image_encoder import attention, attention_backend
 from turboformer.models.sam.layers import LayerNorm2d
 from turboformer.nn.linear import Int8Linear
 
@@ -221,21 +219,111 @@ def test_prepare_rejects_bad_options(tiny_checkpoint):
 # --- pieces of the low-precision encoder ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("grid, heads, d", [(4, 2, 16), (5, 3, 8)])
-def test_attention_backends_agree(grid, heads, d):
-    """q, k, v as the encoder has them: [B, heads, N, D] views of one fused [B, N, 3, heads, D] projection."""
+@pytest.mark.parametrize("grid, window, heads, d", [(5, 3, 2, 16), (4, 0, 3, 8)])
+def test_attention_backends_agree(grid, window, heads, d):
+    """The attention as the encoder calls it, from a ``[B, H, W, 3C]`` projection: a 5 x 5 grid in padded 3 x 3
+    windows, and a global 4 x 4 block. "kernel" is the Triton kernel under the interpreter."""
     g = torch.Generator().manual_seed(grid)
-    n = grid * grid
-    q, k, v = torch.randn(2, n, 3, heads, d, generator=g).permute(2, 0, 3, 1, 4).unbind(0)
-    table_h, table_w = (0.5 * torch.randn(2 * grid - 1, d, generator=g) for _ in range(2))
-    rel_h, rel_w = decomposed_rel_pos(q, table_h, table_w, (grid, grid))
+    side = window or grid
+    qkv = torch.randn(2, grid, grid, 3 * heads * d, generator=g)
+    bias = torch.randn(3 * heads * d, generator=g)
+    table_h, table_w = (0.5 * torch.randn(2 * side - 1, d, generator=g) for _ in range(2))
+    args = (qkv, bias, table_h, table_w, heads, window)
     with attention_backend("reference"):
-        expected = attention_with_rel_pos(q, k, v, rel_h, rel_w)
-    for backend in ("sdpa", "kernel", "auto"):  # "kernel": the Triton kernel under the interpreter
+        expected = attention(*args)
+    assert expected.shape == (2, grid, grid, heads * d)
+    for backend in ("sdpa", "kernel", "auto"):
         with attention_backend(backend):
-            torch.testing.assert_close(attention_with_rel_pos(q, k, v, rel_h, rel_w), expected, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(attention(*args), expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="attention backend"), attention_backend("flash"):
         pass
+
+
+def test_tiny_image_encoder_with_the_kernel_matches_the_reference(monkeypatch):
+    """A tiny SAM image encoder (8 x 8 token grid: windowed blocks of 3 x 3 over a grid padded to 9 x 9, and
+    one global block over all 64 tokens) with every attention forced through the Triton launcher (the
+    interpreter on CPU), fp32 and bf16, against the same encoder on the reference path: fp32 to atol = rtol =
+    1e-4; bf16 within two bf16 epsilons of the largest output (~3 ulps; measured: 2 ulps, 0.031 of 2.9)."""
+    from turboformer.models.sam.config import SamConfig
+    from turboformer.models.sam.image_encoder import ImageEncoder
+
+    config = SamConfig(image_size=128, encoder_embed_dim=32, encoder_depth=3, encoder_num_heads=2,
+                       encoder_mlp_dim=64, encoder_global_attn_indexes=(1,), encoder_window_size=3,
+                       prompt_embed_dim=16)
+    torch.manual_seed(0)
+    encoder = ImageEncoder(config).eval()
+    with torch.no_grad():
+        for block in encoder.blocks:  # SAM initialises the tables to zero: make the bias matter
+            block.attn.rel_pos_h.normal_(std=0.5)
+            block.attn.rel_pos_w.normal_(std=0.5)
+        encoder.pos_embed.normal_(std=0.5)
+    image = torch.randn(2, 3, 128, 128)
+    calls, launcher = [], window_op.window_attention_triton
+
+    def spy(*args, **kwargs):
+        calls.append((tuple(args[0].shape), args[5]))
+        return launcher(*args, **kwargs)
+
+    monkeypatch.setattr(window_op, "window_attention_triton", spy)
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 0.0)):
+        encoder = encoder.to(dtype)
+        with torch.no_grad(), use_reference():
+            expected = encoder(image.to(dtype))
+        calls.clear()
+        with monkeypatch.context() as patch, torch.no_grad(), poison_buffers():
+            patch.setattr(utils, "use_triton", lambda x: not utils.reference_forced())  # as on CUDA
+            out = encoder(image.to(dtype))
+        # each block's [B, 8, 8, 3 * 32] projection: windows of 3, the global block, windows of 3
+        assert calls == [((2, 8, 8, 96), 3), ((2, 8, 8, 96), 0), ((2, 8, 8, 96), 3)]
+        assert out.shape == (2, 16, 8, 8) and out.dtype == dtype
+        atol = tol if dtype == torch.float32 else 2 * torch.finfo(dtype).eps * expected.float().abs().max().item()
+        torch.testing.assert_close(out.float(), expected.float(), atol=atol, rtol=tol)
+        assert (out - expected).abs().max() > 0  # the kernel really ran (different summation order)
+
+
+def test_gelu_epilogue_is_chosen_only_where_it_applies(monkeypatch):
+    """The encoder MLP's fc1 + exact GELU as one ``_addmm_activation`` call: only for fp16/bf16 with the kernels on
+    (CUDA; faked here), an ``nn.Linear`` with a bias and an exact GELU; the same result as the two passes within
+    the bf16 rounding of the product (on the CPU ``_addmm_activation`` computes the exact GELU too)."""
+    from turboformer.models.sam.layers import FeedForward
+
+    torch.manual_seed(0)
+    mlp = FeedForward(32, 128, torch.nn.GELU).to(torch.bfloat16)
+    x = torch.randn(2, 5, 32).to(torch.bfloat16)
+    assert not mlp.gelu_epilogue(x)  # a CPU tensor: the kernels' dispatch says no
+    monkeypatch.setattr(utils, "use_triton", lambda t: not utils.reference_forced())  # as on CUDA
+    assert mlp.gelu_epilogue(x)
+    assert not mlp.gelu_epilogue(x.float())
+    with use_reference():
+        assert not mlp.gelu_epilogue(x)
+        two_passes = mlp(x)
+    fused = mlp(x)
+    assert fused.shape == x.shape and fused.dtype == torch.bfloat16
+    torch.testing.assert_close(fused.float(), two_passes.float(), atol=0.02, rtol=0.02)
+    assert not FeedForward(32, 128, torch.nn.ReLU).to(torch.bfloat16).gelu_epilogue(x)
+    tanh = FeedForward(32, 128, lambda: torch.nn.GELU(approximate="tanh")).to(torch.bfloat16)
+    assert not tanh.gelu_epilogue(x)
+    mlp.fc1 = Int8Linear(mlp.fc1)
+    assert not mlp.gelu_epilogue(x)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gelu_epilogue_on_the_gpu_is_within_bf16_rounding_of_exact_gelu():
+    """On CUDA the epilogue is cuBLASLt's (tanh-form) GELU of the fp32 product: against the exact GELU of the fp64
+    product, within half a bf16 ulp of each value (<= 2^-8 relative) plus 5e-4 (the tanh form deviates by up
+    to ~3e-4), at ViT-B width."""
+    from turboformer.models.sam.layers import FeedForward
+
+    torch.manual_seed(0)
+    mlp = FeedForward(768, 3072, torch.nn.GELU).cuda().to(torch.bfloat16)
+    x = torch.randn(4096, 768, device="cuda").to(torch.bfloat16)
+    assert mlp.gelu_epilogue(x)
+    h = torch._addmm_activation(mlp.fc1.bias, x, mlp.fc1.weight.t(), use_gelu=True).double()
+    exact = torch.nn.functional.gelu(torch.nn.functional.linear(x.double(), mlp.fc1.weight.double(),
+                                                                mlp.fc1.bias.double()))
+    bound = exact.abs() * 2**-8 + 5e-4  # the output rounding + the tanh form
+    assert ((h - exact).abs() <= bound).all(), (h - exact).abs().max().item()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -5,9 +5,9 @@ ViTDet (Li et al., arXiv 2203.16527): 14 x 14 windowed attention in most blocks,
 four, and decomposed relative positions in every attention (MViTv2, arXiv 2112.01526, Sec. 4.1).
 
 A 1024 x 1024 image becomes a 64 x 64 grid of tokens; the neck maps it to a ``[B, 256, 64, 64]``
-image embedding. All attention maths goes through :func:`attention_with_rel_pos`, the single place a
-fused kernel (``turboformer/kernels/rel_pos_attention.py``: flash attention with the rel-pos bias added
-per tile) replaces the reference on CUDA.
+image embedding. All attention maths goes through :func:`attention`, the single place where the fused kernel
+(``turboformer/kernels/window_attention.py``: the windows, their padding and the rel-pos bias inside one flash
+attention that reads the qkv projection of the unpadded grid) replaces upstream's maths on CUDA.
 """
 
 import contextlib
@@ -20,64 +20,29 @@ from torch import nn
 
 from turboformer.kernels import utils
 from turboformer.kernels.layer_norm import add_layer_norm, layer_norm
-from turboformer.kernels.rel_pos_attention import (
-    rel_pos_attention,
-    rel_pos_attention_ref,
-    rel_pos_attention_triton,
+from turboformer.kernels.window_attention import (
+    decomposed_rel_pos,
+    merge_heads,
+    split_heads,
+    window_attention,
+    window_attention_ref,
+    window_attention_triton,
 )
 
 from .config import SamConfig
 from .layers import FeedForward, LayerNorm2d
 
-
-def relative_position_index(size: int, device: torch.device) -> torch.Tensor:
-    """``[size, size]`` table of ``q - k + size - 1``: the row of a rel-pos table for each (q, k) pair.
-
-    SAM always attends within equal query and key grids, so this is the whole of upstream's
-    ``get_rel_pos`` (its interpolation branch only runs when a table has the wrong length, which the
-    loader rejects instead).
-    """
-    coords = torch.arange(size, device=device)
-    return coords[:, None] - coords[None, :] + (size - 1)
-
-
-def decomposed_rel_pos(
-    q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, grid: tuple[int, int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decomposed relative-position terms of MViTv2 (arXiv 2112.01526, Eq. 4).
-
-    The bias of query (qh, qw) on key (kh, kw) is ``q . Rh[qh - kh] + q . Rw[qw - kw]``; it is
-    returned as its two factors so a kernel can add them per tile without building ``[N, N]``.
-
-    Args:
-        q: queries, ``[..., H * W, D]`` (unscaled; ``[B * heads, ...]`` or ``[B, heads, ...]``, any strides).
-        rel_pos_h, rel_pos_w: tables ``[2H - 1, D]`` and ``[2W - 1, D]``.
-        grid: ``(H, W)``, the token grid the queries and keys lie on.
-
-    Returns:
-        ``rel_h`` ``[..., H, W, H]`` (indexed by key row) and ``rel_w`` ``[..., H, W, W]`` (indexed by key
-        column).
-    """
-    h, w = grid
-    r_h = rel_pos_h[relative_position_index(h, q.device)]  # [H(q), H(k), D]
-    r_w = rel_pos_w[relative_position_index(w, q.device)]  # [W(q), W(k), D]
-    r_q = q.reshape(*q.shape[:-2], h, w, q.shape[-1])  # [..., H, W, D]
-    rel_h = torch.einsum("...hwc,hkc->...hwk", r_q, r_h)
-    rel_w = torch.einsum("...hwc,wkc->...hwk", r_q, r_w)
-    return rel_h, rel_w
-
-
-# How the encoder's attention runs (see attention_with_rel_pos); "auto" outside attention_backend().
+# How the encoder's attention runs (see attention); "auto" outside attention_backend().
 ATTENTION_BACKENDS = ("auto", "kernel", "sdpa", "reference")
 _ATTENTION_BACKEND: contextvars.ContextVar[str] = contextvars.ContextVar("sam_attention_backend", default="auto")
 
 
 @contextlib.contextmanager
 def attention_backend(name: str) -> Iterator[None]:
-    """Within this block the encoder's attention runs on ``name``: "kernel" (the fused Triton flash
-    attention, on CUDA or under the Triton interpreter), "sdpa" (torch SDPA with the bias as an explicit
-    ``[BH, N, N]`` additive mask: segment-anything-fast's fallback, a benchmark baseline), "reference"
-    (upstream's fp32 maths) or "auto" (see :func:`attention_with_rel_pos`). Thread/task-local."""
+    """Within this block the encoder's attention runs on ``name``: "kernel" (the fused Triton kernel, on CUDA
+    or under the Triton interpreter), "sdpa" (upstream's window partition and rel-pos einsums, then torch SDPA
+    with the bias as an explicit ``[BH, N, N]`` additive mask: segment-anything-fast's fallback, a benchmark
+    baseline), "reference" (upstream's fp32 maths) or "auto" (see :func:`attention`). Thread/task-local."""
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {name!r}")
     token = _ATTENTION_BACKEND.set(name)
@@ -87,105 +52,78 @@ def attention_backend(name: str) -> Iterator[None]:
         _ATTENTION_BACKEND.reset(token)
 
 
-def sdpa_with_rel_pos(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor
+def sdpa_attention(
+    qkv: torch.Tensor,
+    qkv_bias: torch.Tensor | None,
+    rel_pos_h: torch.Tensor,
+    rel_pos_w: torch.Tensor,
+    heads: int,
+    window: int,
 ) -> torch.Tensor:
-    """The same attention through ``F.scaled_dot_product_attention`` with the decomposed bias expanded to
-    an additive ``[BH, N, N]`` mask in q's dtype (``rel_h [BH, N, H]``, ``rel_w [BH, N, W]``)."""
-    bh, n, _ = q.shape
-    grid_h, grid_w = rel_h.shape[-1], rel_w.shape[-1]
-    bias = (rel_h.reshape(bh, n, grid_h, 1) + rel_w.reshape(bh, n, 1, grid_w)).reshape(bh, n, n)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    """The attention as upstream lays it out, with ``F.scaled_dot_product_attention`` for the core: windows
+    partitioned (padding = the bias), rel-pos terms by einsum, expanded to an additive ``[BH, N, N]`` mask in
+    qkv's dtype, windows merged. ``[B, H, W, 3C]`` -> ``[B, H, W, C]``."""
+    q, k, v = split_heads(qkv, qkv_bias, heads, window)  # [BW, heads, N, D]
+    grid = (window, window) if window > 0 else tuple(qkv.shape[1:3])
+    rel_h, rel_w = decomposed_rel_pos(q, rel_pos_h, rel_pos_w, grid)  # [BW, heads, S, S, S]
+    bias = (rel_h[..., :, None] + rel_w[..., None, :]).flatten(-2).flatten(2, 3)  # [BW, heads, N, N]
+    return merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=bias), tuple(qkv.shape[1:3]), window)
 
 
-def attention_with_rel_pos(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor
+def attention(
+    qkv: torch.Tensor,
+    qkv_bias: torch.Tensor | None,
+    rel_pos_h: torch.Tensor,
+    rel_pos_w: torch.Tensor,
+    heads: int,
+    window: int,
 ) -> torch.Tensor:
-    """``softmax(q k^T / sqrt(D) + rel_h + rel_w) v``.
+    """``softmax(q k^T / sqrt(D) + rel-pos bias) v`` over ``window``-sized squares (0: the whole grid) from the
+    qkv projection of the unpadded tokens, ``[B, H, W, 3C]`` -> token-major ``[B, H, W, C]``.
 
-    "auto" (the default) runs the kernel dispatcher
-    :func:`turboformer.kernels.rel_pos_attention.rel_pos_attention`: the fused Triton flash attention on CUDA,
-    upstream's explicit-bias maths in fp32 on the CPU or under ``use_reference()``; for fp16/bf16 CUDA tensors
-    under ``use_reference()``, torch SDPA with an explicit bias mask (never the fp32 reference's ``[BH, N, N]``
-    fp32 scores at low precision). :func:`attention_backend` picks one explicitly.
-
-    Args:
-        q, k, v: ``[B, heads, N, D]`` with ``N = H * W`` (any strides: views of the fused qkv projection).
-        rel_h: ``[B, heads, H, W, H]``, broadcast over key columns.
-        rel_w: ``[B, heads, H, W, W]``, broadcast over key rows.
-
-    Returns:
-        ``[B, heads, N, D]``; from the kernel a view of token-major ``[B, N, heads, D]`` memory, so that
-        ``out.transpose(1, 2)`` is contiguous for the output projection.
+    "auto" (the default) runs the dispatcher :func:`turboformer.kernels.window_attention.window_attention`:
+    the fused Triton kernel on CUDA, upstream's maths in fp32 on the CPU and under ``use_reference()``, except
+    that fp16/bf16 CUDA tensors under ``use_reference()`` take torch SDPA with an explicit bias mask (never the
+    reference's ``[BH, N, N]`` fp32 scores at low precision). :func:`attention_backend` picks one explicitly.
     """
-    lead = q.shape[:-1]
-    # [B, heads, H, W, H] -> [B, heads, N, H]: a view (decomposed_rel_pos returns contiguous terms)
-    rel_h, rel_w = rel_h.reshape(*lead, -1), rel_w.reshape(*lead, -1)
+    args = (qkv, qkv_bias, rel_pos_h, rel_pos_w, heads, window)
     backend = _ATTENTION_BACKEND.get()
     if backend == "auto":
-        if utils.use_triton(q) or q.device.type != "cuda" or q.dtype == torch.float32:
-            return rel_pos_attention(q, k, v, rel_h, rel_w)
+        if utils.use_triton(qkv) or qkv.device.type != "cuda" or qkv.dtype == torch.float32:
+            return window_attention(*args)
         backend = "sdpa"  # CUDA fp16/bf16 with the kernels forced off (use_reference)
     if backend == "kernel":
-        return rel_pos_attention_triton(q, k, v, rel_h, rel_w)
-    if backend == "sdpa":  # on [B * heads, N, .] (copies: a benchmark baseline)
-        flat = [t.reshape(-1, *t.shape[-2:]) for t in (q, k, v, rel_h, rel_w)]
-        return sdpa_with_rel_pos(*flat).view(q.shape)
-    return rel_pos_attention_ref(q, k, v, rel_h, rel_w)
+        return window_attention_triton(*args)
+    if backend == "sdpa":
+        return sdpa_attention(*args)
+    return window_attention_ref(*args)
 
 
 class RelPosAttention(nn.Module):
-    """Multi-head self-attention over a ``grid x grid`` token square with decomposed rel-pos bias."""
+    """Multi-head self-attention over a token grid, in windows or global, with decomposed rel-pos bias.
 
-    def __init__(self, dim: int, num_heads: int, grid: int) -> None:
+    The projection runs on the unpadded ``[B, H, W, C]`` tokens; upstream's zero padding of the windows is the
+    projection's bias at the padded tokens, which :func:`attention` supplies.
+    """
+
+    def __init__(self, dim: int, num_heads: int, window: int, grid: int) -> None:
         super().__init__()
         self.num_heads = num_heads
+        self.window = window  # 0: global
         head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
-        self.rel_pos_h = nn.Parameter(torch.zeros(2 * grid - 1, head_dim))
-        self.rel_pos_w = nn.Parameter(torch.zeros(2 * grid - 1, head_dim))
+        side = window if window > 0 else grid
+        self.rel_pos_h = nn.Parameter(torch.zeros(2 * side - 1, head_dim))
+        self.rel_pos_w = nn.Parameter(torch.zeros(2 * side - 1, head_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: ``[B, H, W, C]`` (H = W = grid) -> ``[B, H, W, C]``."""
-        b, h, w, _ = x.shape
-        # [B, HW, 3, heads, D] -> three [B, heads, HW, D] views of the one projection (no copies)
-        q, k, v = self.qkv(x).view(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        # The rel-pos terms' einsum wants q contiguous per (image, head): one copy of q (not of k and v); on the
-        # strided view torch's einsum makes slower copies of its own (ViT-H batch 1: 30-39 vs 44 images/s)
-        q = q.reshape(b * self.num_heads, h * w, -1).view(q.shape)
-        rel_h, rel_w = decomposed_rel_pos(q, self.rel_pos_h, self.rel_pos_w, (h, w))
-        x = attention_with_rel_pos(q, k, v, rel_h, rel_w)  # [B, heads, HW, D]
-        x = x.transpose(1, 2).reshape(b, h, w, -1)  # a view of the kernel's token-major output
-        return self.proj(x)
-
-
-def window_partition(x: torch.Tensor, window: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Split ``[B, H, W, C]`` into ``[B * nWindows, window, window, C]``, zero-padding H and W up to a
-    multiple of ``window`` (64 -> 70 for SAM's 14-token windows). Also returns the padded ``(Hp, Wp)``."""
-    b, h, w, c = x.shape
-    pad_h = (window - h % window) % window
-    pad_w = (window - w % window) % window
-    if pad_h or pad_w:
-        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-    hp, wp = h + pad_h, w + pad_w
-    x = x.view(b, hp // window, window, wp // window, window, c)
-    windows = x.permute(0, 1, 3, 2, 4, 5).contiguous().view(-1, window, window, c)
-    return windows, (hp, wp)
-
-
-def window_unpartition(
-    windows: torch.Tensor, window: int, padded_hw: tuple[int, int], hw: tuple[int, int]
-) -> torch.Tensor:
-    """Inverse of :func:`window_partition`: ``[B * nWindows, window, window, C]`` -> ``[B, H, W, C]``."""
-    hp, wp = padded_hw
-    h, w = hw
-    b = windows.shape[0] // (hp * wp // window // window)
-    x = windows.view(b, hp // window, wp // window, window, window, -1)
-    x = x.permute(0, 1, 3, 2, 4, 5).contiguous().view(b, hp, wp, -1)
-    if hp > h or wp > w:
-        x = x[:, :h, :w, :].contiguous()
-    return x
+        """``x``: ``[B, H, W, C]`` -> ``[B, H, W, C]``."""
+        qkv = self.qkv(x)  # [B, H, W, 3C]
+        bias = self.qkv.bias  # a padded token's q/k/v, in qkv's dtype (an Int8Linear keeps an fp32 bias buffer)
+        bias = None if bias is None else bias.to(qkv.dtype)
+        out = attention(qkv, bias, self.rel_pos_h, self.rel_pos_w, self.num_heads, self.window)
+        return self.proj(out)
 
 
 class EncoderBlock(nn.Module):
@@ -201,7 +139,7 @@ class EncoderBlock(nn.Module):
         super().__init__()
         self.window = window
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = RelPosAttention(dim, num_heads, window if window > 0 else grid)
+        self.attn = RelPosAttention(dim, num_heads, window, grid)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = FeedForward(dim, mlp_dim, nn.GELU)
 
@@ -229,12 +167,7 @@ class EncoderBlock(nn.Module):
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         """Windowed or global attention of normalised tokens ``[B, H, W, C]``."""
-        if self.window <= 0:
-            return self.attn(x)
-        h, w = x.shape[1], x.shape[2]
-        x, padded_hw = window_partition(x, self.window)  # [B * nW, win, win, C]
-        x = self.attn(x)
-        return window_unpartition(x, self.window, padded_hw, (h, w))
+        return self.attn(x)
 
 
 class Neck(nn.Module):
