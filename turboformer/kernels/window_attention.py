@@ -190,7 +190,7 @@ def _check(qkv, bias, rel_pos_h, rel_pos_w, heads: int, window: int) -> tuple[in
     d = c3 // (3 * heads)
     if window < 0:
         raise KernelInputError(f"window must be >= 0 (0: global attention), got {window}")
-    sh, sw = (window, window) if window > 0 else (h, w)
+    sh, sw = window_shape((h, w), window)
     if b == 0 or h == 0 or w == 0 or d == 0:
         raise KernelInputError(f"empty attention: qkv shape {list(qkv.shape)}")
     if d > MAX_HEAD_DIM:
@@ -351,15 +351,19 @@ def window_unpartition(
     return x
 
 
+def window_shape(hw: tuple[int, int], window: int) -> tuple[int, int]:
+    """``(SH, SW)``, the attention's square of ``window`` tokens, or the whole ``(H, W)`` grid for window 0."""
+    return (window, window) if window > 0 else tuple(hw)
+
+
 def split_heads(
     qkv: torch.Tensor, qkv_bias: torch.Tensor | None, heads: int, window: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Upstream's layout of the attention inputs: q, k, v ``[B * nWindows, heads, S * S, D]`` (one window per
     image in a global block), padded tokens' q/k/v being the bias, from the projection ``[B, H, W, 3 C]``."""
     c3 = qkv.shape[-1]
-    if window > 0:
-        bias = qkv_bias if qkv_bias is not None else torch.zeros(c3, dtype=qkv.dtype, device=qkv.device)
-        qkv, _ = window_partition(qkv, window, pad=bias)  # [B * nW, S, S, 3C]
+    if window > 0:  # padded with the bias, or zeros without one
+        qkv, _ = window_partition(qkv, window, pad=qkv_bias)  # [B * nW, S, S, 3C]
     n = qkv.shape[1] * qkv.shape[2]
     return qkv.reshape(-1, n, 3, heads, c3 // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)
 
@@ -368,7 +372,7 @@ def merge_heads(out: torch.Tensor, hw: tuple[int, int], window: int) -> torch.Te
     """Inverse of :func:`split_heads` for the attention output: ``[B * nW, heads, S * S, D]`` -> ``[B, H, W,
     heads * D]`` (windows joined, padded queries dropped)."""
     h, w = hw
-    sh, sw = (window, window) if window > 0 else hw
+    sh, sw = window_shape(hw, window)
     out = out.transpose(1, 2).reshape(-1, sh, sw, out.shape[1] * out.shape[3])
     if window > 0:
         out = window_unpartition(out, window, (utils.cdiv(h, sh) * sh, utils.cdiv(w, sw) * sw), hw)

@@ -27,6 +27,7 @@ from turboformer.kernels.window_attention import (
     window_attention,
     window_attention_ref,
     window_attention_triton,
+    window_shape,
 )
 
 from .config import SamConfig
@@ -64,7 +65,7 @@ def sdpa_attention(
     partitioned (padding = the bias), rel-pos terms by einsum, expanded to an additive ``[BH, N, N]`` mask in
     qkv's dtype, windows merged. ``[B, H, W, 3C]`` -> ``[B, H, W, C]``."""
     q, k, v = split_heads(qkv, qkv_bias, heads, window)  # [BW, heads, N, D]
-    grid = (window, window) if window > 0 else tuple(qkv.shape[1:3])
+    grid = window_shape(qkv.shape[1:3], window)
     rel_h, rel_w = decomposed_rel_pos(q, rel_pos_h, rel_pos_w, grid)  # [BW, heads, S, S, S]
     bias = (rel_h[..., :, None] + rel_w[..., None, :]).flatten(-2).flatten(2, 3)  # [BW, heads, N, N]
     return merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=bias), tuple(qkv.shape[1:3]), window)
@@ -137,7 +138,6 @@ class EncoderBlock(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, mlp_dim: int, window: int, grid: int) -> None:
         super().__init__()
-        self.window = window
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = RelPosAttention(dim, num_heads, window, grid)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
@@ -147,7 +147,7 @@ class EncoderBlock(nn.Module):
         """``x``: ``[B, H, W, C]`` -> ``[B, H, W, C]`` (fp32 for a low-precision block)."""
         dtype = self.norm1.weight.dtype
         if dtype == torch.float32:
-            x = x + self.attend(self.norm1(x))
+            x = x + self.attn(self.norm1(x))
             return x + self.mlp(self.norm2(x))
         x, mlp_out = self.forward_pending(x, None)
         return x + mlp_out  # fp32 + branch dtype -> fp32
@@ -162,13 +162,8 @@ class EncoderBlock(nn.Module):
             h = layer_norm(x, self.norm1.weight, self.norm1.bias, self.norm1.eps, out_dtype=dtype)
         else:
             x, h = add_layer_norm(x, pending, self.norm1.weight, self.norm1.bias, self.norm1.eps, out_dtype=dtype)
-        x, h = add_layer_norm(x, self.attend(h), self.norm2.weight, self.norm2.bias, self.norm2.eps, out_dtype=dtype)
+        x, h = add_layer_norm(x, self.attn(h), self.norm2.weight, self.norm2.bias, self.norm2.eps, out_dtype=dtype)
         return x, self.mlp(h)
-
-    def attend(self, x: torch.Tensor) -> torch.Tensor:
-        """Windowed or global attention of normalised tokens ``[B, H, W, C]``."""
-        return self.attn(x)
-
 
 class Neck(nn.Module):
     """1x1 conv to the prompt width, LayerNorm2d, 3x3 conv, LayerNorm2d (no biases)."""
