@@ -88,6 +88,9 @@ CASES = [
     (1, 5, 16, 2, 16, 0, 16, 16),  # global over 5 x 16: key tile = one key row (row tiles), H != W
     (1, 6, 5, 2, 32, 0, 32, 16),  # global over 6 x 5: one-hot tiles crossing key rows
     (2, 14, 14, 2, 16, 14, None, None),  # one SAM-sized window per image on the launcher's own tiles
+    (1, 8, 6, 1, 48, 4, 16, 16),  # only the last column of windows is padded; D = 48 in two parts (32 + 16)
+    (1, 6, 8, 1, 16, 4, 16, 16),  # only the last row of windows is padded
+    (1, 18, 20, 2, 16, 16, 16, 16),  # 16 x 16 windows, key tile = one key row, padded edge windows
 ]
 
 
@@ -101,9 +104,16 @@ def test_window_attention(b, h, w, heads, d, window, block_m, block_n, dtype):
 def test_row_tiles_are_chosen_for_a_power_of_two_row():
     """The launcher's own tiles: the measured plan at SAM's shapes; on a 32-wide fp32 global grid, key tiles of
     one key row (ROW_TILES)."""
-    assert op._plan(64, 64, 80, torch.bfloat16, None, None) == (128, 64, 8, 3, True)  # ViT-H global
-    assert op._plan(14, 14, 64, torch.bfloat16, None, None) == (128, 64, 4, 2, False)  # ViT-B windows
-    assert op._plan(4, 32, 16, torch.float32, None, None)[4]
+    vit_h_global = op._plan(64, 64, 80, torch.bfloat16, None, None)
+    assert vit_h_global == dict(BLOCK_M=64, BLOCK_N=64, BLOCK_TAIL=0, BLOCK_D=64, BLOCK_D2=16, ROW_TILES=True,
+                                num_warps=4, num_stages=3)
+    vit_h_windows = op._plan(14, 14, 80, torch.bfloat16, None, None)  # 196 keys = 6 x 32 + a tail of 4 (16)
+    assert vit_h_windows == dict(BLOCK_M=128, BLOCK_N=32, BLOCK_TAIL=16, BLOCK_D=64, BLOCK_D2=16, ROW_TILES=False,
+                                 num_warps=4, num_stages=3)
+    assert op._plan(14, 14, 64, torch.bfloat16, None, None)["BLOCK_N"] == 64  # ViT-B windows: 3 x 64 + 16
+    assert op._plan(14, 14, 80, torch.bfloat16, None, None, split_head_dim=False)["BLOCK_D"] == 128
+    assert op._plan(4, 4, 24, torch.float32, None, None)["BLOCK_D2"] == 0  # 16 + 16 saves nothing over 32
+    assert op._plan(4, 32, 16, torch.float32, None, None)["ROW_TILES"]
     check(*make_inputs(1, 4, 32, 2, 16, 0, torch.float32), 2, 0)
 
 

@@ -25,17 +25,25 @@ gathered addresses, once. Keys stream in ``BLOCK_N`` tiles with an online softma
 Gimelshein 2018, arXiv 1805.02867; FlashAttention, Dao et al. 2022, arXiv 2205.14135); each tile's bias is
 
 - where a key tile is one whole key row (``ROW_TILES``: ``BLOCK_N == S_w``, the global blocks), ``rel_w`` as
-  is (the same ``[BLOCK_M, S_w]`` tile for every key row) plus the ``rel_h`` column of that row, both moved
-  into the scores' register layout once before the key loop;
+  is (the same ``[BLOCK_M, S_w]`` tile for every key row, moved into the scores' register layout once before
+  the key loop) plus the ``rel_h`` column of that row: one number per query, loaded per tile and folded into
+  the row maximum (``p = exp2(s - (m - rel_h))``) instead of added to every score;
 - otherwise (the 14 x 14 windows) two products with one-hot matrices of the keys' rows and columns,
   ``rel_h [BLOCK_M, 16] @ onehot_h [16, BLOCK_N] + rel_w @ onehot_w``, exact (one non-zero term each).
 
-A padded key's k and v are not materialised: keys load as zeros there (plain masked loads, which Triton
-pipelines; a select between the load and the product would stop that), its score gets ``q . k_bias`` added,
-and the padded keys' softmax mass times ``v_bias`` is added to the output at the end: exact, fp32.
+Whole key tiles run in the loop without a key mask; the window's last, partial tile (196 = 3 x 64 + 4) runs
+after it in a tile of its own size (16), not a full one.
 
-The head dim is padded to a power of two (ViT-H: 80 -> 128). Splitting it 64 + 16 passed the interpreter but
-read out of bounds on an H200 with Triton 3.6 (fp16/bf16 only): not used.
+Two launches split the windows: those wholly inside the grid (16 of SAM's 25) run the plain loop; the last
+row and column of windows cross the grid's edge and run the same code with the padding work compiled in
+(``EDGE``). A padded key's k and v are not materialised: keys load as zeros there (plain masked loads, which
+Triton pipelines; a select between the load and the product would stop that), its score gets ``q . k_bias``
+added, and the padded keys' softmax mass times ``v_bias`` is added to the output at the end: exact, fp32.
+
+A head dim that is not a power of two runs as two parts, each its own pair of products (ViT-H: 80 = 64 + 16,
+against 128 padded: 37% fewer tensor-core operations, and half the shared memory, so two programs fit on an
+SM). On an H200 at batch 8 this and the points above took the ViT-H window blocks from 0.84 to 0.56 ms and the
+global ones from 4.4 to 3.1 ms (``benchmarks/results/NVIDIA-H200/tune_window_attention.md``).
 
 The reference :func:`window_attention_ref` is upstream's maths in fp32, and its pieces
 (:func:`decomposed_rel_pos`, :func:`window_partition`, :func:`window_unpartition`) are the ones the encoder's
@@ -56,6 +64,81 @@ MAX_WINDOW_SIDE = 128  # rel_h / rel_w tiles are held in registers for the whole
 
 
 @triton.jit
+def _attend_key_tile(
+    q, q2, rel_h, rel_w, bias_w, q_kbias,  # the program's queries and their bias terms (loop invariant)
+    m_i, l_i, pad, acc, acc2,  # online-softmax state
+    n0,  # first key of the tile (window-local, row-major)
+    k_ptr,  # k of the window's top-left token for this head (its v is C further)
+    p_row,  # [BLOCK_M] this program's rows of p
+    qr,  # [BLOCK_M] window-local query rows
+    q_mask,
+    rows_real, cols_real, SH, SW, D, C, stride_h, stride_w, qk_scale,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_D2: tl.constexpr,
+    BLOCK_SH: tl.constexpr,
+    BLOCK_SW: tl.constexpr,
+    ROW_TILES: tl.constexpr,
+    EDGE: tl.constexpr,
+    MASK_N: tl.constexpr,  # the tile runs past the window's last key
+    DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One step of the online softmax over keys ``n0 .. n0 + BLOCK_N``; returns the updated state."""
+    j = n0 + tl.arange(0, BLOCK_N)
+    kr = j // SW  # window-local key row and column
+    kc = j % SW
+    k_real = j < SH * SW
+    if EDGE:
+        k_real = k_real & (kr < rows_real) & (kc < cols_real)
+    k_off = kr * stride_h + kc * stride_w
+    d = tl.arange(0, BLOCK_D)
+    kt = tl.load(k_ptr + k_off[None, :] + d[:, None], mask=k_real[None, :] & (d < D)[:, None],
+                 other=0.0).to(DOT_DTYPE)  # [BLOCK_D, BLOCK_N]
+    s = tl.dot(q, kt, input_precision=PRECISION)
+    if BLOCK_D2 > 0:  # the head dim's second part (ViT-H: 80 = 64 + 16)
+        d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+        kt2 = tl.load(k_ptr + k_off[None, :] + d2[:, None], mask=k_real[None, :] & (d2 < D)[:, None],
+                      other=0.0).to(DOT_DTYPE)
+        s = tl.dot(q2, kt2, acc=s, input_precision=PRECISION)
+    # (1.44... = LOG2E, written out: a @triton.jit function cannot read a plain module global)
+    if ROW_TILES:
+        # Key tile t is key row t: its bias is rel_w as is (bias_w, base 2) plus rel_h[:, t], one number per
+        # query, which is folded into the row maximum below instead of added to every score.
+        s = s * qk_scale + bias_w
+        row_bias = tl.load(p_row + (qr - n0 // SW + SH - 1), mask=q_mask, other=0.0).to(tl.float32)
+        row_bias = row_bias * 1.4426950408889634
+    else:  # one-hot products: bias[i, j] = rel_h[i, row(j)] + rel_w[i, col(j)], exact (one term each)
+        c_h = tl.arange(0, BLOCK_SH)
+        c_w = tl.arange(0, BLOCK_SW)
+        bias = tl.dot(rel_h, (c_h[:, None] == kr[None, :]).to(DOT_DTYPE), input_precision=PRECISION)
+        bias = tl.dot(rel_w, (c_w[:, None] == kc[None, :]).to(DOT_DTYPE), acc=bias, input_precision=PRECISION)
+        s = s * qk_scale + bias * 1.4426950408889634
+        row_bias = tl.zeros_like(m_i)
+    if EDGE:  # a padded key's k is the bias: its score is q . k_bias (the load gave 0)
+        s = s + tl.where(k_real[None, :], 0.0, q_kbias[:, None])
+    if MASK_N:
+        s = tl.where((j < SH * SW)[None, :], s, -float("inf"))
+    # Online softmax in base 2; the first tile holds key 0 (real in every window): m_new is finite from the start.
+    m_new = tl.maximum(m_i, tl.max(s, axis=1) + row_bias)
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - (m_new - row_bias)[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if EDGE:  # the padded keys' share of l_i; their v (the bias) is added at the end
+        pad = pad * alpha + tl.sum(tl.where(k_real[None, :], 0.0, p), axis=1)
+    # p rounded to the inputs' dtype for the tensor cores (FlashAttention's choice), accumulated in fp32
+    p = p.to(k_ptr.dtype.element_ty).to(DOT_DTYPE)
+    v = tl.load(k_ptr + C + k_off[:, None] + d[None, :], mask=k_real[:, None] & (d < D)[None, :],
+                other=0.0).to(DOT_DTYPE)  # [BLOCK_N, BLOCK_D]
+    acc = tl.dot(p, v, acc=acc * alpha[:, None], input_precision=PRECISION)
+    if BLOCK_D2 > 0:
+        v2 = tl.load(k_ptr + C + k_off[:, None] + d2[None, :], mask=k_real[:, None] & (d2 < D)[None, :],
+                     other=0.0).to(DOT_DTYPE)
+        acc2 = tl.dot(p, v2, acc=acc2 * alpha[:, None], input_precision=PRECISION)
+    return m_new, l_i, pad, acc, acc2
+
+
+@triton.jit
 def _window_attention_kernel(
     qkv_ptr,  # [B, H, W, 3 * C] the fused projection, C = HEADS * D; channels contiguous
     bias_ptr,  # [3 * C]: the projection's bias = q, k, v of a zero (padded) token
@@ -71,99 +154,127 @@ def _window_attention_kernel(
     stride_ph, stride_pt,  # p: head and token strides (table offsets contiguous)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_TAIL: tl.constexpr,  # keys of the last, partial key tile (SH * SW % BLOCK_N, to a power of two), or 0
+    BLOCK_D: tl.constexpr,  # head dim, first part (a power of two)
+    BLOCK_D2: tl.constexpr,  # head dim, second part, or 0: D <= BLOCK_D + BLOCK_D2
     BLOCK_SH: tl.constexpr,  # >= SH: rel_h columns (key rows)
     BLOCK_SW: tl.constexpr,  # >= SW: rel_w columns (key columns)
     ROW_TILES: tl.constexpr,  # BLOCK_N == SW (== BLOCK_SW): key tile t is key row t
+    EDGE: tl.constexpr,  # this launch runs the windows that cross the grid's edge (padded keys) instead of the rest
     DOT_DTYPE: tl.constexpr,  # the inputs' dtype; fp32 for bf16 under the interpreter (numpy has no bf16 dot)
     PRECISION: tl.constexpr,  # tl.dot input precision for fp32 operands: "ieee" (true fp32) or "tf32"
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    pid = tl.program_id(1)  # (image, window, head), head fastest
+    # program -> (image, window, head, query tile), query tile fastest (its key tiles stay in L2), then head
+    num_m = tl.cdiv(SH * SW, BLOCK_M)
+    pid_m = tl.program_id(0) % num_m
+    pid = tl.program_id(0) // num_m
     head = pid % HEADS
-    window = (pid // HEADS) % (NWH * NWW)
-    b = pid // HEADS // (NWH * NWW)
-    y0 = (window // NWW) * SH  # the window's top-left token
-    x0 = (window % NWW) * SW
-    rows_real = tl.minimum(SH, H - y0)  # the window's tokens inside the grid: its top-left rows_real x cols_real
-    cols_real = tl.minimum(SW, W - x0)
+    full_h = H // SH  # windows wholly inside the grid: the top-left full_h x full_w
+    full_w = W // SW
+    if EDGE:  # the last column's windows above the last row (right), then the last row's (bottom)
+        n_windows = NWH * NWW - full_h * full_w
+        e = (pid // HEADS) % n_windows
+        right = full_h * (NWW - full_w)
+        wy = tl.where(e < right, e, full_h + (e - right) // NWW)
+        wx = tl.where(e < right, full_w, (e - right) % NWW)
+        rows_real = tl.minimum(SH, H - wy * SH)  # the window's tokens inside the grid: rows_real x cols_real
+        cols_real = tl.minimum(SW, W - wx * SW)
+    else:
+        n_windows = full_h * full_w
+        e = (pid // HEADS) % n_windows
+        wy = e // full_w
+        wx = e % full_w
+        rows_real = SH
+        cols_real = SW
+    b = pid // HEADS // n_windows
+    y0 = wy * SH  # the window's top-left token
+    x0 = wx * SW
 
     # This program's queries: real tokens of the window, row-major over the rows_real x cols_real block.
     i = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     q_mask = i < rows_real * cols_real
     qr = i // cols_real  # window-local row and column
     qc = i % cols_real
-    q_tok = b.to(tl.int64) * stride_b + (y0 + qr).to(tl.int64) * stride_h + (x0 + qc).to(tl.int64) * stride_w
     head_col = head * D
+    corner = b.to(tl.int64) * stride_b + y0 * stride_h + x0 * stride_w + head_col  # window's top-left, this head
+    q_ptr = qkv_ptr + corner + qr * stride_h + qc * stride_w  # [BLOCK_M]
     d = tl.arange(0, BLOCK_D)
-    d_mask = d < D
-    q = tl.load(qkv_ptr + q_tok[:, None] + head_col + d[None, :], mask=q_mask[:, None] & d_mask[None, :], other=0.0)
-    # A padded key's k and v are the bias. Keys load as zeros where padded (plain masked loads, which the
-    # compiler pipelines), and the bias comes back exactly: its score q . k_bias is added to the padded columns,
-    # and the softmax mass of the padded keys (pad) times v_bias is added to the output at the end.
-    k_bias = tl.load(bias_ptr + C + head_col + d, mask=d_mask, other=0.0).to(tl.float32)
-    v_bias = tl.load(bias_ptr + 2 * C + head_col + d, mask=d_mask, other=0.0).to(tl.float32)
-    q_kbias = tl.sum(q.to(tl.float32) * k_bias[None, :], axis=1) * qk_scale  # [BLOCK_M], base-2 units
+    q = tl.load(q_ptr[:, None] + d[None, :], mask=q_mask[:, None] & (d < D)[None, :], other=0.0)
+    q_kbias = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if EDGE:
+        # A padded key's k and v are the bias. Keys load as zeros where padded (plain masked loads, which the
+        # compiler pipelines), and the bias comes back exactly: its score q . k_bias is added to the padded
+        # columns, and the softmax mass of the padded keys (pad) times v_bias is added to the output at the end.
+        k_bias = tl.load(bias_ptr + C + head_col + d, mask=d < D, other=0.0).to(tl.float32)
+        q_kbias = tl.sum(q.to(tl.float32) * k_bias[None, :], axis=1)
     q = q.to(DOT_DTYPE)
+    q2 = q
+    if BLOCK_D2 > 0:
+        d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+        q2 = tl.load(q_ptr[:, None] + d2[None, :], mask=q_mask[:, None] & (d2 < D)[None, :], other=0.0)
+        if EDGE:
+            k_bias2 = tl.load(bias_ptr + C + head_col + d2, mask=d2 < D, other=0.0).to(tl.float32)
+            q_kbias += tl.sum(q2.to(tl.float32) * k_bias2[None, :], axis=1)
+        q2 = q2.to(DOT_DTYPE)
+    q_kbias = q_kbias * qk_scale  # base-2 units
 
-    # The rel-pos terms of these queries, gathered from p: rel_h[i, r] = q_i . R_h[row(i) - r + SH - 1].
-    c_h = tl.arange(0, BLOCK_SH)  # key rows
-    c_w = tl.arange(0, BLOCK_SW)  # key columns
+    # The rel-pos terms of these queries, gathered from p: rel_w[i, c] = q_i . R_w[col(i) - c + SW - 1] and
+    # rel_h[i, r] = q_i . R_h[row(i) - r + SH - 1].
     q_grid = (b * H + y0 + qr).to(tl.int64) * W + x0 + qc  # token index in the [B, H, W] grid
     p_row = p_ptr + head.to(tl.int64) * stride_ph + q_grid * stride_pt  # [BLOCK_M]
-    rel_h = tl.load(p_row[:, None] + (qr[:, None] - c_h[None, :] + SH - 1),
-                    mask=q_mask[:, None] & (c_h < SH)[None, :], other=0.0).to(DOT_DTYPE)  # [BLOCK_M, BLOCK_SH]
+    c_w = tl.arange(0, BLOCK_SW)  # key columns
     rel_w = tl.load(p_row[:, None] + (2 * SH - 1) + (qc[:, None] - c_w[None, :] + SW - 1),
                     mask=q_mask[:, None] & (c_w < SW)[None, :], other=0.0).to(DOT_DTYPE)  # [BLOCK_M, BLOCK_SW]
     if ROW_TILES:
-        # Key tile t is key row t: its bias is rel_w as is (the same every tile) plus one rel_h column. Both
-        # are moved into the scores' layout once, as products with the identity (exact).
+        # Key tile t is key row t: its rel_w part is rel_w itself, moved into the scores' layout once as a
+        # product with the identity (exact); the rel_h column is read per tile (see _attend_key_tile).
         bias_w = tl.dot(rel_w, (c_w[:, None] == c_w[None, :]).to(DOT_DTYPE), input_precision=PRECISION)
-        bias_h = tl.dot(rel_h, (c_h[:, None] == c_h[None, :]).to(DOT_DTYPE), input_precision=PRECISION)
+        bias_w = bias_w * 1.4426950408889634
+        rel_h = rel_w
+    else:
+        c_h = tl.arange(0, BLOCK_SH)  # key rows
+        rel_h = tl.load(p_row[:, None] + (qr[:, None] - c_h[None, :] + SH - 1),
+                        mask=q_mask[:, None] & (c_h < SH)[None, :], other=0.0).to(DOT_DTYPE)  # [BLOCK_M, BLOCK_SH]
+        bias_w = rel_w
 
     m_i = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)  # running max, base-2 units
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # softmax denominator relative to m_i
     pad = tl.zeros([BLOCK_M], dtype=tl.float32)  # the padded keys' share of l_i
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # unnormalised output relative to m_i
-    # The window's last query tiles can be empty (edge windows hold 112 or 64 real queries of 196): no keys.
-    n_end = tl.where(pid_m * BLOCK_M < rows_real * cols_real, SH * SW, 0)
-    for n0 in range(0, n_end, BLOCK_N):
-        j = n0 + tl.arange(0, BLOCK_N)
-        kr = j // SW
-        kc = j % SW
-        k_valid = j < SH * SW
-        k_real = k_valid & (kr < rows_real) & (kc < cols_real)
-        k_tok = b.to(tl.int64) * stride_b + (y0 + kr).to(tl.int64) * stride_h + (x0 + kc).to(tl.int64) * stride_w
-        kt = tl.load(qkv_ptr + C + head_col + k_tok[None, :] + d[:, None], mask=k_real[None, :] & d_mask[:, None],
-                     other=0.0).to(DOT_DTYPE)  # [BLOCK_D, BLOCK_N]
-        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
-        if ROW_TILES:
-            bias = bias_w + tl.sum(tl.where(c_h[None, :] == n0 // SW, bias_h, 0.0), axis=1)[:, None]
-        else:  # one-hot products: bias[i, j] = rel_h[i, row(j)] + rel_w[i, col(j)], exact (one term each)
-            onehot_h = (c_h[:, None] == kr[None, :]).to(DOT_DTYPE)  # [BLOCK_SH, BLOCK_N]
-            onehot_w = (c_w[:, None] == kc[None, :]).to(DOT_DTYPE)  # [BLOCK_SW, BLOCK_N]
-            bias = tl.dot(rel_h, onehot_h, input_precision=PRECISION)
-            bias = tl.dot(rel_w, onehot_w, acc=bias, input_precision=PRECISION)
-        # (1.44... = LOG2E, written out: a @triton.jit function cannot read a plain module global)
-        s = s + bias * 1.4426950408889634 + tl.where(k_real[None, :], 0.0, q_kbias[:, None])
-        s = tl.where(k_valid[None, :], s, -float("inf"))
-        # Online softmax; the first tile holds key 0 (real in every window), so m_new is finite from the start.
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        pad = pad * alpha + tl.sum(tl.where(k_real[None, :], 0.0, p), axis=1)
-        v = tl.load(qkv_ptr + 2 * C + head_col + k_tok[:, None] + d[None, :], mask=k_real[:, None] & d_mask[None, :],
-                    other=0.0).to(DOT_DTYPE)  # [BLOCK_N, BLOCK_D]
-        # p rounded to the inputs' dtype for the tensor cores (FlashAttention's choice), accumulated in fp32
-        p = p.to(qkv_ptr.dtype.element_ty).to(DOT_DTYPE)
-        acc = tl.dot(p, v, acc=acc * alpha[:, None], input_precision=PRECISION)
-        m_i = m_new
+    acc2 = acc
+    if BLOCK_D2 > 0:
+        acc2 = tl.zeros([BLOCK_M, BLOCK_D2], dtype=tl.float32)
+    k_ptr = qkv_ptr + C + corner
+    # Whole key tiles, then the partial one (a 14 x 14 window: 3 x 64 keys, then 4 in a tile of 16).
+    n_full = (SH * SW // BLOCK_N) * BLOCK_N
+    if EDGE:  # the last query tiles of an edge window can be empty (112 or 64 real queries of 196): no keys
+        n_full = tl.where(pid_m * BLOCK_M < rows_real * cols_real, n_full, 0)
+    for n0 in range(0, n_full, BLOCK_N):
+        m_i, l_i, pad, acc, acc2 = _attend_key_tile(
+            q, q2, rel_h, rel_w, bias_w, q_kbias, m_i, l_i, pad, acc, acc2, n0, k_ptr, p_row, qr, q_mask,
+            rows_real, cols_real, SH, SW, D, C, stride_h, stride_w, qk_scale,
+            BLOCK_N, BLOCK_D, BLOCK_D2, BLOCK_SH, BLOCK_SW, ROW_TILES, EDGE, False, DOT_DTYPE, PRECISION,
+        )  # fmt: skip
+    if BLOCK_TAIL > 0:
+        m_i, l_i, pad, acc, acc2 = _attend_key_tile(
+            q, q2, rel_h, rel_w, bias_w, q_kbias, m_i, l_i, pad, acc, acc2, n_full, k_ptr, p_row, qr, q_mask,
+            rows_real, cols_real, SH, SW, D, C, stride_h, stride_w, qk_scale,
+            BLOCK_TAIL, BLOCK_D, BLOCK_D2, BLOCK_SH, BLOCK_SW, ROW_TILES, EDGE, True, DOT_DTYPE, PRECISION,
+        )  # fmt: skip
 
-    out = (acc + pad[:, None] * v_bias[None, :]) / l_i[:, None]
-    o_tok = b.to(tl.int64) * stride_ob + (y0 + qr).to(tl.int64) * stride_oh + (x0 + qc).to(tl.int64) * stride_ow
-    tl.store(o_ptr + o_tok[:, None] + head_col + d[None, :], out.to(o_ptr.dtype.element_ty),
-             mask=q_mask[:, None] & d_mask[None, :])
+    o_ptr_q = o_ptr + b.to(tl.int64) * stride_ob + (y0 + qr) * stride_oh + (x0 + qc) * stride_ow + head_col
+    if EDGE:
+        v_bias = tl.load(bias_ptr + 2 * C + head_col + d, mask=d < D, other=0.0).to(tl.float32)
+        acc += pad[:, None] * v_bias[None, :]
+    l_i = tl.where(l_i > 0, l_i, 1.0)  # an empty query tile's rows (stored nowhere)
+    tl.store(o_ptr_q[:, None] + d[None, :], (acc / l_i[:, None]).to(o_ptr.dtype.element_ty),
+             mask=q_mask[:, None] & (d < D)[None, :])
+    if BLOCK_D2 > 0:
+        if EDGE:
+            v_bias2 = tl.load(bias_ptr + 2 * C + head_col + d2, mask=d2 < D, other=0.0).to(tl.float32)
+            acc2 += pad[:, None] * v_bias2[None, :]
+        tl.store(o_ptr_q[:, None] + d2[None, :], (acc2 / l_i[:, None]).to(o_ptr.dtype.element_ty),
+                 mask=q_mask[:, None] & (d2 < D)[None, :])
 
 
 def rel_pos_products(qkv: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, heads: int) -> torch.Tensor:
@@ -209,21 +320,35 @@ def _check(qkv, bias, rel_pos_h, rel_pos_w, heads: int, window: int) -> tuple[in
     return d, sh, sw
 
 
-def _plan(sh: int, sw: int, d: int, dtype: torch.dtype, block_m: int | None, block_n: int | None):
+def _plan(sh: int, sw: int, d: int, dtype: torch.dtype, block_m: int | None, block_n: int | None,
+          split_head_dim: bool | None = None) -> dict:
     """Tile sizes, warps and pipeline stages from the shapes alone, as measured on an H200 at batch 8 in bf16
-    (``benchmarks/tune_window_attention.py``, ``results/NVIDIA-H200/tune_window_attention.md``): [128, 64]
-    tiles everywhere; 8 warps and 3 stages except at head dim <= 64 in the windows (4 warps, 2 stages). A
-    key tile is one whole key row where the row is a power of two the size of the key tile (the 64 x 64
-    global blocks). A window's 196 real queries take two programs, an edge window's 112 one, the corner's 64
-    one. fp32 runs [64, 32] tiles (twice the bytes). Returns ``(block_m, block_n, warps, stages, row_tiles)``."""
+    (``benchmarks/tune_window_attention.py``, ``results/NVIDIA-H200/tune_window_attention.md``): 4 warps and
+    3 stages; a window's queries in tiles of 128 (its 196 real queries take two programs, an edge window's 112
+    one, the corner's 64 one), its keys in tiles of 64 (three, then a tail of 16), or of 32 at head dim > 64
+    (six, then 16); a global block's in [64, 64] tiles, a key tile being one whole key row where the row is a
+    power of two the size of the key tile (the 64 x 64 grid). fp32 runs [64, 32] tiles (twice the bytes). A
+    head dim that is not a power of two runs as two parts (80 = 64 + 16) where that saves work over padding
+    it (80 -> 128), unless ``split_head_dim`` is False. Returns the launch's constexprs, warps and stages."""
     low = dtype != torch.float32
+    windowed = sh * sw < 1024
     if block_m is None:
-        block_m = 128 if low else 64
+        block_m = (128 if windowed else 64) if low else 64
     if block_n is None:
-        block_n = 64 if low else 32
-    row_tiles = block_n == sw
-    wide = sh * sw >= 1024 or d > 64
-    return block_m, block_n, 8 if block_m >= 128 and wide else 4, 3 if wide else 2, row_tiles
+        block_n = (32 if windowed and d > 64 else 64) if low else 32
+    warps, stages = (4, 3) if low else (4, 3 if not windowed or d > 64 else 2)
+    tail = sh * sw % block_n
+    block_d, block_d2 = utils.next_power_of_2(max(d, 16)), 0
+    if split_head_dim is not False and d > 16 and block_d != d:
+        low_part = block_d // 2  # the largest power of two below d
+        high_part = max(16, utils.next_power_of_2(d - low_part))
+        if low_part + high_part < block_d:
+            block_d, block_d2 = low_part, high_part
+    return dict(
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_TAIL=max(16, utils.next_power_of_2(tail)) if tail else 0,
+        BLOCK_D=block_d, BLOCK_D2=block_d2, ROW_TILES=block_n == sw,
+        num_warps=warps, num_stages=stages,
+    )
 
 
 def window_attention_triton(
@@ -239,10 +364,14 @@ def window_attention_triton(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    split_head_dim: bool | None = None,
 ) -> torch.Tensor:
     """The fused kernel; see :func:`window_attention`. ``block_m`` (queries per program) and ``block_n`` (keys
-    per loop step), powers of two >= 16, ``num_warps`` and ``num_stages`` override the shape-based defaults,
-    for tests and tuning (``benchmarks/tune_window_attention.py``)."""
+    per loop step), powers of two >= 16, ``num_warps``, ``num_stages`` and ``split_head_dim`` override the
+    shape-based defaults, for tests and tuning (``benchmarks/tune_window_attention.py``).
+
+    Two launches: the windows wholly inside the grid, then (where the window does not divide the grid) the
+    last row and column of windows, whose padded keys and empty query tiles need the extra work."""
     d, sh, sw = _check(qkv, qkv_bias, rel_pos_h, rel_pos_w, heads, window)
     bias = qkv_bias if qkv_bias is not None else torch.zeros(qkv.shape[-1], dtype=qkv.dtype, device=qkv.device)
     utils.check_launchable(qkv, bias, rel_pos_h, rel_pos_w)
@@ -257,21 +386,25 @@ def window_attention_triton(
     c = c3 // 3
     nwh, nww = utils.cdiv(h, sh), utils.cdiv(w, sw)
     scale = d**-0.5 if scale is None else scale
-    block_m, block_n, warps, stages, row_tiles = _plan(sh, sw, d, qkv.dtype, block_m, block_n)
-    num_warps, num_stages = num_warps or warps, num_stages or stages
+    plan = _plan(sh, sw, d, qkv.dtype, block_m, block_n, split_head_dim)
+    plan["num_warps"] = num_warps or plan["num_warps"]
+    plan["num_stages"] = num_stages or plan["num_stages"]
     dot_dtype, precision = utils.dot_settings(qkv.dtype)
     p = rel_pos_products(qkv, rel_pos_h, rel_pos_w, heads)  # [heads, T, RH + RW]
     out = utils.empty((b, h, w, c), qkv.dtype, qkv.device)
-    grid = (utils.cdiv(sh * sw, block_m), b * nwh * nww * heads)
-    _window_attention_kernel[grid](
-        qkv, bias, p, out,
-        h, w, sh, sw, nwh, nww, heads, d, c, scale * LOG2E,
-        qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        p.stride(0), p.stride(1),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, utils.next_power_of_2(d)),
-        BLOCK_SH=max(16, utils.next_power_of_2(sh)), BLOCK_SW=max(16, utils.next_power_of_2(sw)),
-        ROW_TILES=row_tiles, DOT_DTYPE=dot_dtype, PRECISION=precision, num_warps=num_warps, num_stages=num_stages,
-    )  # fmt: skip
+    full = (h // sh) * (w // sw)
+    for edge, windows in ((False, full), (True, nwh * nww - full)):
+        if windows == 0:
+            continue
+        grid = (utils.cdiv(sh * sw, plan["BLOCK_M"]) * b * windows * heads,)
+        _window_attention_kernel[grid](
+            qkv, bias, p, out,
+            h, w, sh, sw, nwh, nww, heads, d, c, scale * LOG2E,
+            qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            p.stride(0), p.stride(1),
+            BLOCK_SH=max(16, utils.next_power_of_2(sh)), BLOCK_SW=max(16, utils.next_power_of_2(sw)),
+            EDGE=edge, DOT_DTYPE=dot_dtype, PRECISION=precision, **plan,
+        )  # fmt: skip
     return out
 
 
