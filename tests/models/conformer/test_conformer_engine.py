@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from turboformer.kernels.ctc_prefix_search import ctc_prefix_search_triton
 from turboformer.models.conformer import (
     ConformerEngine,
     ConformerRecognizer,
@@ -23,11 +24,32 @@ from turboformer.models.conformer import (
     EngineOptionsError,
 )
 from turboformer.models.conformer.ctc import ctc_prefix_beam_search
-from turboformer.models.conformer.prefix_search import ctc_prefix_beam_search_batched
+from turboformer.models.conformer.prefix_search import (
+    PrefixBeams,
+    ctc_prefix_beam_search_batched,
+    ctc_prefix_beam_search_torch,
+)
 from turboformer.models.conformer.search import (
     attention_rescoring,
     attention_rescoring_batched,
 )
+
+SEARCH_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def search_triton(log_probs, lengths, beam, blank_id=0):
+    """The Triton search (interpreter on CPU, the GPU where one exists), as PrefixBeams on the CPU."""
+    out = ctc_prefix_search_triton(log_probs.to(SEARCH_DEVICE), lengths.to(SEARCH_DEVICE), beam, blank_id)
+    return PrefixBeams(*(x.cpu() for x in out))
+
+
+# The batched searches under test: tensor ops (any device) and the Triton kernel, each against the reference.
+SEARCHES = {"tensor_ops": ctc_prefix_beam_search_torch, "triton": search_triton}
+
+
+@pytest.fixture(params=sorted(SEARCHES))
+def batched_search(request):
+    return SEARCHES[request.param]
 
 
 def assert_same_nbest(actual, expected, atol=1e-9):
@@ -53,17 +75,17 @@ def random_log_probs(seed: int, batch: int, frames: int, vocab: int, sharpness: 
 
 @pytest.mark.parametrize("seed", range(12))
 @pytest.mark.parametrize("sharpness", [0.5, 3.0])
-def test_batched_prefix_search_matches_reference(seed, sharpness):
+def test_batched_prefix_search_matches_reference(seed, sharpness, batched_search):
     g = torch.Generator().manual_seed(seed)
     vocab = int(torch.randint(2, 9, (1,), generator=g))
     beam = int(torch.randint(1, vocab + 1, (1,), generator=g))
     batch, frames = int(torch.randint(1, 5, (1,), generator=g)), int(torch.randint(1, 25, (1,), generator=g))
     log_probs, lengths = random_log_probs(seed, batch, frames, vocab, sharpness)
     expected = ctc_prefix_beam_search(log_probs, lengths, beam)
-    assert_same_nbest(ctc_prefix_beam_search_batched(log_probs, lengths, beam).to_lists(), expected)
+    assert_same_nbest(batched_search(log_probs, lengths, beam).to_lists(), expected)
 
 
-def test_batched_prefix_search_with_impossible_units():
+def test_batched_prefix_search_with_impossible_units(batched_search):
     """-inf log-probabilities: the reference keeps -inf prefixes in the beam (in creation order) when fewer
     finite ones exist; the batched search must rank them the same way."""
     minus_inf = 0
@@ -72,30 +94,30 @@ def test_batched_prefix_search_with_impossible_units():
         log_probs, lengths = random_log_probs(seed, 3, 1 + seed % 7, vocab, 3.0, impossible=0.4)
         expected = ctc_prefix_beam_search(log_probs, lengths, vocab)
         minus_inf += sum(score == -math.inf for nbest in expected for _, score in nbest)
-        assert_same_nbest(ctc_prefix_beam_search_batched(log_probs, lengths, vocab).to_lists(), expected)
+        assert_same_nbest(batched_search(log_probs, lengths, vocab).to_lists(), expected)
     assert minus_inf > 0  # the case was exercised
 
 
-def test_batched_prefix_search_large_vocab():
+def test_batched_prefix_search_large_vocab(batched_search):
     """A 4,233-unit vocabulary (AISHELL), beam 10, unequal lengths: long prefixes, hash identity over 60 frames."""
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(4, 60, 4233, generator=g) * 2
     logits[..., 0] += 5  # mostly blank, as a trained model
     log_probs, lengths = torch.log_softmax(logits, -1), torch.tensor([60, 17, 60, 1])
     expected = ctc_prefix_beam_search(log_probs, lengths, 10)
-    assert_same_nbest(ctc_prefix_beam_search_batched(log_probs, lengths, 10).to_lists(), expected)
+    assert_same_nbest(batched_search(log_probs, lengths, 10).to_lists(), expected)
 
 
 @pytest.mark.parametrize("setting, chunk", [("full", -1), ("chunk4", 4)])
 @torch.inference_mode()
-def test_batched_prefix_search_on_fixture(model, ref, setting, chunk):
+def test_batched_prefix_search_on_fixture(model, ref, setting, chunk, batched_search):
     feats, lengths = torch.from_numpy(ref.inputs["feats"]), torch.from_numpy(ref.inputs["feats_lengths"])
     encoder_out, out_lengths = model.encode(feats, lengths, chunk, -1)
     log_probs = model.ctc(encoder_out)
     for beam in (ref.BEAM, 10):
-        nbests = ctc_prefix_beam_search_batched(log_probs, out_lengths, beam).to_lists()
+        nbests = batched_search(log_probs, out_lengths, beam).to_lists()
         assert_same_nbest(nbests, ctc_prefix_beam_search(log_probs, out_lengths, beam))
-    nbests = ctc_prefix_beam_search_batched(log_probs, out_lengths, ref.BEAM).to_lists()
+    nbests = batched_search(log_probs, out_lengths, ref.BEAM).to_lists()
     key = f"{setting}_ctc_prefix_beam_search"
     for b, nbest in enumerate(nbests):  # and upstream WeNet's own n-best
         assert [t for t, _ in nbest] == ref.nbest(key, b)

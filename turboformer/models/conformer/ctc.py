@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from turboformer.kernels.ctc_prefix_search import top_units
+
 NEG_INF = -float("inf")
 
 
@@ -92,7 +94,7 @@ def ctc_prefix_beam_search(
     Returns:
         per utterance the n-best list of (units, log p(units | x)), best first (at most ``beam_size``).
     """
-    top_logp, top_unit = log_probs.topk(beam_size, dim=-1)  # [B, T', beam]
+    top_logp, top_unit = top_units(log_probs, beam_size)  # [B, T', beam]; ties in unit order
     results = []
     for b, length in enumerate(lengths.tolist()):
         frames_logp, frames_unit = top_logp[b, :length].tolist(), top_unit[b, :length].tolist()

@@ -10,8 +10,9 @@ Built once from a verified fp32 :class:`ConformerASR` (``ConformerEngine(model, 
   projections, which pick the tokens and stay in ``dtype``;
 * the hot step, captured per (batch bucket, feature-frame bucket, beam, chunk) on first use: encoder on a
   zero-padded batch (the padding masks make the padded frames and rows invisible to valid frames) ->
-  CTC log-softmax -> :func:`prefix_search.ctc_prefix_beam_search_batched` (its T' frames unrolled in the
-  graph: ~60 small kernels per frame, launched by one replay). Static input buffers are copied into before
+  CTC log-softmax -> :func:`prefix_search.ctc_prefix_beam_search_batched` (on CUDA one Triton program per
+  utterance over all its frames, ``kernels/ctc_prefix_search.py``; eager elsewhere, its tensor-op version:
+  ~60 small ops per frame). Static input buffers are copied into before
   each replay; the graphs share one memory pool and are replayed one at a time;
 * rescoring: :func:`search.rescoring_scores` on all B x N hypotheses (one left and one right decoder
   forward, eager; the hypothesis width is read once on the host and rounded up to ``WIDTH_STEP``).

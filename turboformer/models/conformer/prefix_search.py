@@ -27,10 +27,11 @@ from dataclasses import dataclass
 
 import torch
 
+from turboformer.kernels import utils
+from turboformer.kernels.ctc_prefix_search import HASH_BASES, HASH_PRIMES, ctc_prefix_search_triton, top_units
+
 NEG_INF = -float("inf")
 SORT_FLOOR = -1e300  # sort key of a created candidate scored -inf: below every finite score, above "absent"
-HASH_PRIMES = (2147483629, 2147483587)  # two primes < 2^31: hash * base + unit < 2^62 fits in int64
-HASH_BASES = (1000003, 999983)
 
 
 @dataclass
@@ -63,7 +64,8 @@ def _extend_hash(h: torch.Tensor, unit: torch.Tensor, which: int) -> torch.Tenso
 def ctc_prefix_beam_search_batched(
     log_probs: torch.Tensor, lengths: torch.Tensor, beam_size: int, blank_id: int = 0
 ) -> PrefixBeams:
-    """CTC prefix beam search of a batch on ``log_probs``' device.
+    """CTC prefix beam search of a batch on ``log_probs``' device: the Triton kernel on CUDA
+    (``kernels/ctc_prefix_search.py``), these tensor ops otherwise.
 
     Args:
         log_probs: [B, T', V] CTC log-probabilities (float32 as the reference reads them; any float dtype).
@@ -72,10 +74,19 @@ def ctc_prefix_beam_search_batched(
     Returns:
         :class:`PrefixBeams`, equal to the reference's n-best (order; scores within float64 rounding).
     """
+    if utils.use_triton(log_probs):  # one program per utterance over all frames (kernels/ctc_prefix_search.py)
+        return PrefixBeams(*ctc_prefix_search_triton(log_probs, lengths, beam_size, blank_id))
+    return ctc_prefix_beam_search_torch(log_probs, lengths, beam_size, blank_id)
+
+
+def ctc_prefix_beam_search_torch(
+    log_probs: torch.Tensor, lengths: torch.Tensor, beam_size: int, blank_id: int = 0
+) -> PrefixBeams:
+    """:func:`ctc_prefix_beam_search_batched` in tensor ops, on any device."""
     batch, frames, _ = log_probs.shape
     device = log_probs.device
     n = k = beam_size
-    top_logp, top_unit = log_probs.topk(k, dim=-1)  # [B, T', K], as the reference (which then reads float64)
+    top_logp, top_unit = top_units(log_probs, k)  # [B, T', K], as the reference (which then reads float64)
     top_logp = top_logp.double()
     width = frames + 1  # a prefix has at most one unit per frame (+1 spare column for the scatter below)
 
