@@ -49,6 +49,14 @@ def _logaddexp(a, b):
 
 
 @triton.jit
+def _by_rank(sel_g, group_value, sel_1, extension_value):
+    """``[R]``: for each new beam r, the value of the candidate ranked r, a group (``sel_g [N', R]``, values
+    ``[N']``) or an extension (``sel_1 [K, N, R]``, values ``[K, N]``); exactly one is selected per beam."""
+    from_groups = tl.sum(tl.where(sel_g, group_value[:, None], 0), axis=0)
+    return from_groups + tl.sum(tl.sum(tl.where(sel_1, extension_value[:, :, None], 0), axis=0), axis=0)
+
+
+@triton.jit
 def _ctc_prefix_search_kernel(
     logp_ptr,  # [B, T, K] float64: each frame's K best log-probabilities, descending
     unit_ptr,  # [B, T, K] int64: their units
@@ -145,27 +153,16 @@ def _ctc_prefix_search_kernel(
         # The new beams' state, gathered by rank: sel_g [N', R], sel_1 [K, N, R].
         sel_g = rank_g[:, None] == r[None, :]
         sel_1 = rank_1[:, :, None] == r[None, None, :]
-        s = (tl.sum(tl.where(sel_g, cg_s[:, None], 0.0), axis=0)
-             + tl.sum(tl.sum(tl.where(sel_1, c1_s[:, :, None], 0.0), axis=0), axis=0))
-        ns = (tl.sum(tl.where(sel_g, cg_ns[:, None], 0.0), axis=0)
-              + tl.sum(tl.sum(tl.where(sel_1, c1_ns[:, :, None], 0.0), axis=0), axis=0))
-        alive = (tl.sum(tl.where(sel_g, rep_g[:, None].to(tl.int32), 0), axis=0)
-                 + tl.sum(tl.sum(tl.where(sel_1, rep_1[:, :, None].to(tl.int32), 0), axis=0), axis=0)) > 0
-        h0 = (tl.sum(tl.where(sel_g, h0[:, None], 0), axis=0)
-              + tl.sum(tl.sum(tl.where(sel_1, e_h0[:, :, None], 0), axis=0), axis=0))
-        h1 = (tl.sum(tl.where(sel_g, h1[:, None], 0), axis=0)
-              + tl.sum(tl.sum(tl.where(sel_1, e_h1[:, :, None], 0), axis=0), axis=0))
-        new_length = (tl.sum(tl.where(sel_g, length[:, None], 0), axis=0)
-                      + tl.sum(tl.sum(tl.where(sel_1, e_len[:, :, None], 0), axis=0), axis=0))
         unit_1 = unit + tl.zeros([BLOCK_K, BLOCK_N], tl.int64)
-        new_last = (tl.sum(tl.where(sel_g, last[:, None], 0), axis=0)
-                    + tl.sum(tl.sum(tl.where(sel_1, unit_1[:, :, None], 0), axis=0), axis=0))
-        parent = (tl.sum(tl.where(sel_g, r[:, None], 0), axis=0)
-                  + tl.sum(tl.sum(tl.where(sel_1, (flat % BLOCK_N)[:, :, None], 0), axis=0), axis=0))
-        appended = (tl.sum(tl.where(sel_g, -1, 0), axis=0)
-                    + tl.sum(tl.sum(tl.where(sel_1, unit_1[:, :, None], 0), axis=0), axis=0))
-        length = new_length
-        last = new_last
+        s = _by_rank(sel_g, cg_s, sel_1, c1_s)
+        ns = _by_rank(sel_g, cg_ns, sel_1, c1_ns)
+        alive = _by_rank(sel_g, rep_g.to(tl.int32), sel_1, rep_1.to(tl.int32)) > 0
+        h0 = _by_rank(sel_g, h0, sel_1, e_h0)
+        h1 = _by_rank(sel_g, h1, sel_1, e_h1)
+        length = _by_rank(sel_g, length, sel_1, e_len)
+        last = _by_rank(sel_g, last, sel_1, unit_1)
+        parent = _by_rank(sel_g, r, sel_1, flat % BLOCK_N)  # a group's parent is its own prefix
+        appended = _by_rank(sel_g, tl.full([BLOCK_N], -1, tl.int64), sel_1, unit_1)  # a group appends nothing
         alive = alive & beam_ok
         step = (b.to(tl.int64) * T + t) * N + r
         tl.store(parent_ptr + step, tl.minimum(parent, N - 1).to(tl.int32), mask=beam_ok)

@@ -88,9 +88,10 @@ def _attend_key_tile(
     j = n0 + tl.arange(0, BLOCK_N)
     kr = j // SW  # window-local key row and column
     kc = j % SW
-    k_real = j < SH * SW
+    k_valid = j < SH * SW  # the window holds the key
+    k_real = k_valid
     if EDGE:
-        k_real = k_real & (kr < rows_real) & (kc < cols_real)
+        k_real = k_valid & (kr < rows_real) & (kc < cols_real)
     k_off = kr * stride_h + kc * stride_w
     d = tl.arange(0, BLOCK_D)
     kt = tl.load(k_ptr + k_off[None, :] + d[:, None], mask=k_real[None, :] & (d < D)[:, None],
@@ -118,7 +119,7 @@ def _attend_key_tile(
     if EDGE:  # a padded key's k is the bias: its score is q . k_bias (the load gave 0)
         s = s + tl.where(k_real[None, :], 0.0, q_kbias[:, None])
     if MASK_N:
-        s = tl.where((j < SH * SW)[None, :], s, -float("inf"))
+        s = tl.where(k_valid[None, :], s, -float("inf"))
     # Online softmax in base 2; the first tile holds key 0 (real in every window): m_new is finite from the start.
     m_new = tl.maximum(m_i, tl.max(s, axis=1) + row_bias)
     alpha = tl.exp2(m_i - m_new)
