@@ -18,7 +18,12 @@ from kernel_tolerance import assert_close_to_gold
 import torch.nn.functional as F
 
 from turboformer.kernels import KernelInputError, poison_buffers
-from turboformer.kernels.decode_attention import decode_attention_ref, decode_attention_triton, quantize_kv
+from turboformer.kernels.decode_attention import (
+    decode_attention_ref,
+    decode_attention_triton,
+    quantize_kv,
+    split_counters,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -103,6 +108,71 @@ def test_decode_attention_int8_kv(b, h, s, d, layout, lengths_kind, num_splits, 
     assert_close_to_gold(decode_attention_ref(q, k8, v8, lengths, k_scale=k_scale, v_scale=v_scale), gold, torch_lowp)
 
 
+# (B, H, S, D, lengths, num_splits, block_s): several splits, lengths ending inside, at and past a split's first
+# tile, a split past every length (it stores an empty partial that the last program must still count)
+LAUNCH_CASES = [
+    (1, 2, 150, 64, "random", 3, 32),
+    (3, 2, 100, 32, "random", 4, 16),
+    (2, 3, 70, 80, "full", 5, 16),
+    (2, 1, 64, 16, "random", 8, 16),
+]
+
+
+@pytest.mark.parametrize("prefetch", ["none", "all", "all_but_last"])
+@pytest.mark.parametrize("b,h,s,d,lengths_kind,num_splits,block_s", LAUNCH_CASES)
+def test_prefetch_and_counted_merge(b, h, s, d, lengths_kind, num_splits, block_s, prefetch):
+    """The PDL prefetch variants and the last-program merge (``counters``) against fp64 SDPA, fp16 and int8
+    K/V; the counters are zero again after every launch, so one set serves launch after launch. (The race that
+    'all_but_last' guards against, a key written by the kernel before, needs a GPU: test_prefetch_after_a_writer.)"""
+    g = torch.Generator().manual_seed(b * 100 + s)
+    q = torch.randn(b, h, d, generator=g).to(DEVICE, torch.float16)
+    k, v = (torch.randn(b, h, s, d, generator=g).to(DEVICE, torch.float16) for _ in range(2))
+    lengths = make_lengths(b, s, lengths_kind)
+    counters = split_counters(b * h + 3, DEVICE)
+    gold = sdpa(q.double(), k.double(), v.double(), lengths, None)
+    for _ in range(2):  # twice on the same counters
+        with poison_buffers():
+            out = decode_attention_triton(
+                q, k, v, lengths, prefetch=prefetch, counters=counters, num_splits=num_splits, block_s=block_s
+            )
+        assert_close_to_gold(out, gold, sdpa(q, k, v, lengths, None))
+        assert int(counters.abs().sum()) == 0
+    (k8, k_scale), (v8, v_scale) = quantize_kv(k), quantize_kv(v)
+    k_deq, v_deq = k8.double() * k_scale.double(), v8.double() * v_scale.double()
+    with poison_buffers():
+        out = decode_attention_triton(q, k8, v8, lengths, k_scale=k_scale, v_scale=v_scale, prefetch=prefetch,
+                                      counters=counters, num_splits=num_splits, block_s=block_s)  # fmt: skip
+    gold = sdpa(q.double(), k_deq, v_deq, lengths, None)
+    assert_close_to_gold(out, gold, sdpa(q, k_deq.half(), v_deq.half(), lengths, None))
+    assert int(counters.abs().sum()) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_rows_gather_keys_from_other_cache_rows(num_splits, dtype):
+    """Beam search without a cache reorder: key s of sequence b read from row rows[b, s] (a table wider than
+    the cache view), against fp64 SDPA on the gathered cache; with the split merge both ways."""
+    g = torch.Generator().manual_seed(11)
+    b, h, s, d = 5, 2, 70, 32
+    q = torch.randn(b, h, d, generator=g).to(DEVICE, dtype)
+    k, v = (torch.randn(b, h, s + 6, d, generator=g).to(DEVICE, dtype)[:, :, :s] for _ in range(2))
+    rows = torch.randint(0, b, (b, s + 10), generator=g, dtype=torch.int32).to(DEVICE)
+    lengths = torch.tensor([70, 1, 33, 64, 65], dtype=torch.int32, device=DEVICE)
+    index = rows[:, None, :s, None].long().expand(b, h, s, d)
+    kg, vg = k.gather(0, index), v.gather(0, index)
+    gold = sdpa(q.double(), kg.double(), vg.double(), lengths, None)
+    for counters in (None, split_counters(b * h, DEVICE)):
+        with poison_buffers():
+            out = decode_attention_triton(q, k, v, lengths, rows=rows, counters=counters, num_splits=num_splits,
+                                          block_s=16)  # fmt: skip
+        assert_close_to_gold(out, gold, sdpa(q, kg, vg, lengths, None))
+    assert_close_to_gold(decode_attention_ref(q, k, v, lengths, rows=rows), gold, sdpa(q, kg, vg, lengths, None))
+    # the same table with every row pointing at itself is the plain attention
+    own = torch.arange(b, dtype=torch.int64, device=DEVICE)[:, None].expand(b, s).contiguous()
+    torch.testing.assert_close(decode_attention_triton(q, k, v, lengths, rows=own, num_splits=num_splits),
+                               decode_attention_triton(q, k, v, lengths, num_splits=num_splits), atol=0, rtol=0)  # fmt: skip
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_quantize_kv(dtype):
     x = (torch.randn(2, 3, 50, 16, device=DEVICE) * torch.rand(1, 1, 1, 16, device=DEVICE) * 4).to(dtype)
@@ -145,6 +215,14 @@ def test_bad_inputs_raise():
         ((q, k8, v8), {"k_scale": k_scale, "v_scale": v_scale[:, :, :, :16]}, "int8 k/v need v_scale"),
         ((q, k, v), {"k_scale": k_scale, "v_scale": v_scale}, "only for int8"),
         ((q[0], k, v), {}, "expected q"),
+        ((q, k, v), {"prefetch": "some"}, "prefetch must be one of"),
+        ((q, k, v), {"prefetch": "all_but_last"}, "needs lengths"),
+        ((q, k, v), {"counters": torch.zeros(4, dtype=torch.int64, device=DEVICE)}, "int32"),
+        ((q, k, v), {"counters": torch.zeros(3, dtype=torch.int32, device=DEVICE)}, ">= B \\* H = 4"),
+        ((q, k, v), {"rows": torch.zeros(2, 39, dtype=torch.int32, device=DEVICE)}, "rows must be int32/int64"),
+        ((q, k, v), {"rows": torch.zeros(2, 40, device=DEVICE)}, "rows must be int32/int64"),
+        ((q, k8, v8), {"k_scale": k_scale, "v_scale": v_scale, "rows": torch.zeros(2, 40, dtype=torch.int32,
+                                                                                   device=DEVICE)}, "float k/v"),
     ]
     for args, kwargs, message in cases:
         for fn in (decode_attention_triton, decode_attention_ref):
@@ -199,3 +277,53 @@ def test_short_cache_plan_matches_reference():
     lengths = torch.randint(1, 41, (64,), generator=g).to(DEVICE)
     out = decode_attention_triton(q, k, v, lengths)
     torch.testing.assert_close(out, decode_attention_ref(q, k, v, lengths), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("heads,dim", [(20, 64), (6, 64)])  # Whisper large-v3 and tiny
+def test_prefetch_after_a_writer(heads, dim):
+    """The race that prefetch='all_but_last' guards against, on the GPU: in one CUDA graph a decode_linear
+    writes each step's new key/value into column pos (its kv_cache epilogue, launched with PDL) and the
+    attention that follows loads the rest of the cache before it waits; cross-attention ('all') follows a GEMV
+    on a fixed cache. Every step's outputs must equal the reference on the cache as it then is (the old
+    cache column held garbage first, so a stale read would show)."""
+    from turboformer.kernels.decode_linear import KVCache, decode_linear
+
+    torch.manual_seed(0)
+    C, T, S = heads * dim, 448, 1500
+    x = torch.randn(1, C, device="cuda")
+    w_qkv = (torch.randn(3 * C, C, device="cuda") * C**-0.5).half()
+    w_q = (torch.randn(C, C, device="cuda") * C**-0.5).half()
+    k_self = torch.randn(1, heads, T, dim, device="cuda").half() * 30  # garbage where new keys will go
+    v_self = torch.randn(1, heads, T, dim, device="cuda").half() * 30
+    k_cross, v_cross = (torch.randn(1, heads, S, dim, device="cuda").half() for _ in range(2))
+    pos = torch.zeros(1, dtype=torch.long, device="cuda")
+    counters = split_counters(heads, "cuda")
+    outs = {}
+
+    def step():
+        lengths = (pos + 1).to(torch.int32)
+        q = decode_linear(x, w_qkv, kv_cache=KVCache(k_self, v_self, pos), act_dtype=torch.float16)
+        outs["self"] = decode_attention_triton(
+            q.view(1, heads, dim), k_self, v_self, lengths, prefetch="all_but_last", counters=counters
+        )
+        qc = decode_linear(outs["self"].reshape(1, C), w_q, act_dtype=torch.float16)
+        outs["cross"] = decode_attention_triton(qc.view(1, heads, dim), k_cross, v_cross, prefetch="all", counters=counters)
+        outs["q"], outs["qc"] = q, qc
+
+    step()  # compile
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for p in [0, 1, 63, 64, 65, 200, 447]:
+        pos.fill_(p)
+        graph.replay()
+        torch.cuda.synchronize()
+        lengths = torch.full((1,), p + 1, dtype=torch.int32, device="cuda")
+        q = outs["q"].view(1, heads, dim)
+        expect = decode_attention_ref(q, k_self, v_self, lengths)
+        torch.testing.assert_close(outs["self"], expect, atol=2e-3, rtol=2e-3)
+        expect = decode_attention_ref(outs["qc"].view(1, heads, dim), k_cross, v_cross)
+        torch.testing.assert_close(outs["cross"], expect, atol=2e-3, rtol=2e-3)
+        assert int(counters.abs().sum()) == 0

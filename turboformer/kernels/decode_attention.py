@@ -13,6 +13,13 @@ unnormalised output ``acc`` in fp32; a second kernel rescales and merges the spl
 rows alone make four waves of programs (batch 64 at 20 heads on 132 SMs), there is one split per row and the
 first kernel writes the output itself.
 
+In a chain of kernels launched with programmatic dependent launch (the batch-1 Whisper step) two more options
+pay: ``prefetch`` lets a split program load its first key tile before it waits for the previous kernel (at batch
+1 a cross-attention split is one 64-key tile, so the whole K/V stream overlaps the previous GEMV), and
+``counters`` replace the merge kernel by a "last block" reduction: each split takes an acquire-release ticket per
+(batch, head) row after storing its partial, and the program with the last ticket merges. Beam search can leave
+its cache in place and pass ``rows``, a table of the cache row that holds each key of each sequence.
+
 Measured on an H200 (graphed, L2 cold; ``benchmarks/results/NVIDIA-H200/kernels_decode_attention.md``):
 fp16 cross-attention at batch 64 streams 3.9 TB/s (126 us, on par with ``F.scaled_dot_product_attention``),
 self-attention over 448 keys runs 1.3-1.9x faster than SDPA, and int8 cross-KV is 1.3x faster than SDPA
@@ -40,6 +47,49 @@ MAX_HEAD_DIM = 256
 MAX_SPLITS = 64
 
 
+# What a split program may load before it waits for the previous kernel (``prefetch``; the kernel's PREFETCH):
+# nothing; all of K, V, lengths and int8 scales; all but each row's newest key/value (column lengths - 1).
+PREFETCH = {"none": 0, "all": 1, "all_but_last": 2}
+
+
+@triton.jit
+def _attend_tile(q, k, v, s_mask, m_j, l_j, acc_j):
+    """One key tile into the per-slot online softmax: q [BLOCK_D] (scaled, base 2), k, v [BLOCK_S, BLOCK_D] fp32,
+    s_mask [BLOCK_S] (keys attended); returns the updated (m_j, l_j, acc_j)."""
+    qk = tl.where(s_mask, tl.sum(q[None, :] * k, axis=1), -float("inf"))  # [BLOCK_S], base-2 logits
+    m_new = tl.maximum(m_j, qk)
+    m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)  # a slot with no key yet: keep 2^(-inf) = 0
+    alpha = tl.exp2(m_j - m_ref)
+    p = tl.exp2(qk - m_ref)
+    return m_new, l_j * alpha + p, acc_j * alpha[:, None] + p[:, None] * v
+
+
+@triton.jit
+def _key_offsets(rows_ptr, b, keys, mask, stride_rb, stride_b, stride_s, ROWS: tl.constexpr):
+    """[BLOCK_S, 1] int64 offsets of keys [BLOCK_S] of sequence b: from the start of sequence b's cache row, or
+    (ROWS) from the start of the cache, in row rows[b, s]."""
+    if ROWS:
+        row = tl.load(rows_ptr + b * stride_rb + keys, mask=mask, other=0).to(tl.int64)
+        return row[:, None] * stride_b + keys.to(tl.int64)[:, None] * stride_s
+    else:
+        return keys.to(tl.int64)[:, None] * stride_s
+
+
+@triton.jit
+def _merge_splits(m_ptr, l_ptr, acc_ptr, bh, num_splits, D, d, d_mask, BLOCK_SPLITS: tl.constexpr):
+    """out [BLOCK_D] = sum_i 2^(m_i - M) acc_i / sum_i 2^(m_i - M) l_i over the splits of row bh, M = max_i m_i;
+    empty splits (m_i = -inf) get weight 0. Loads bypass L1 (.cg): other programs wrote the workspace."""
+    i = tl.arange(0, BLOCK_SPLITS)
+    i_mask = i < num_splits
+    slot = bh * num_splits + i
+    m = tl.load(m_ptr + slot, mask=i_mask, other=-float("inf"), cache_modifier=".cg")
+    l = tl.load(l_ptr + slot, mask=i_mask, other=0.0, cache_modifier=".cg")
+    acc = tl.load(acc_ptr + slot[:, None] * D + d[None, :], mask=i_mask[:, None] & d_mask[None, :], other=0.0,
+                  cache_modifier=".cg")  # fmt: skip
+    w = tl.exp2(m - tl.max(m, axis=0))  # [BLOCK_SPLITS]
+    return tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * l, axis=0)  # [BLOCK_D]
+
+
 @triton.jit
 def _split_kernel(
     q_ptr,  # [B, H, D]
@@ -48,10 +98,12 @@ def _split_kernel(
     k_scale_ptr,  # [B, H, 1, D] fp32 (read only when INT8)
     v_scale_ptr,  # [B, H, 1, D] fp32 (read only when INT8)
     lengths_ptr,  # [B] int (read only when HAS_LENGTHS)
+    rows_ptr,  # [B, >= S] int: the cache row that holds key s of sequence b (read only when ROWS)
     m_ptr,  # [B * H, num_splits] fp32 out: running max of the scaled logits, base-2 units
     l_ptr,  # [B * H, num_splits] fp32 out: softmax denominator relative to m
     acc_ptr,  # [B * H, num_splits, D] fp32 out: unnormalised output relative to m
-    out_ptr,  # [B, H, D] out (written only when WRITE_OUT)
+    counter_ptr,  # [>= B * H] int32, zero between launches (read only when COUNTED)
+    out_ptr,  # [B, H, D] out (written when WRITE_OUT or COUNTED)
     H,
     S,
     D,
@@ -64,62 +116,94 @@ def _split_kernel(
     stride_ksb, stride_ksh, stride_ksd,
     stride_vsb, stride_vsh, stride_vsd,
     stride_ob, stride_oh, stride_od,
+    stride_rb,
     WRITE_OUT: tl.constexpr,  # one split: normalise and write `out`, no workspace
+    ROWS: tl.constexpr,  # keys gathered through rows_ptr (beams that share a prefix, no cache reorder)
+    COUNTED: tl.constexpr,  # several splits: the last one of a row to finish merges them (no merge launch)
     HAS_LENGTHS: tl.constexpr,
     INT8: tl.constexpr,
     PDL: tl.constexpr,
+    PREFETCH: tl.constexpr,  # 0 none, 1 all, 2 all but the last key (PREFETCH): what may load before the wait
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr,
 ):  # fmt: skip
-    if PDL:  # launched early (programmatic dependent launch): wait for the previous kernel's writes (q, the new
-        # key), then let the next kernel launch and start its own loads while this one streams K and V
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     d_mask = d < D
+    start = split * split_size
+    k_row = k_ptr + h * stride_kh + d[None, :] * stride_kd  # + the offsets of _key_offsets
+    v_row = v_ptr + h * stride_vh + d[None, :] * stride_vd
+    if not ROWS:  # sequence b's own cache row
+        k_row += b * stride_kb
+        v_row += b * stride_vb
+    keys0 = start + tl.arange(0, BLOCK_S)  # the split's first key tile
+
+    # Under PDL the kernel starts while the previous one runs. The first key tile of a split is loaded before the
+    # wait when the caller says it was written earlier (PREFETCH): for cross-attention ("all") a program
+    # of a 1500-frame split often has only this one tile, so its whole K/V stream overlaps the previous kernel.
+    if PREFETCH == 1:
+        length = S
+        if HAS_LENGTHS:
+            length = tl.minimum(tl.load(lengths_ptr + b).to(tl.int32), S)
+        end = tl.minimum(start + split_size, length)
+        first = (keys0 < end)[:, None] & d_mask[None, :]
+        k0 = tl.load(k_row + keys0[:, None].to(tl.int64) * stride_ks, mask=first, other=0.0)
+        v0 = tl.load(v_row + keys0[:, None].to(tl.int64) * stride_vs, mask=first, other=0.0)
+    elif PREFETCH == 2:  # the length is not known yet: load the tile as far as the cache goes
+        first = (keys0 < tl.minimum(start + split_size, S))[:, None] & d_mask[None, :]
+        k0 = tl.load(k_row + keys0[:, None].to(tl.int64) * stride_ks, mask=first, other=0.0)
+        v0 = tl.load(v_row + keys0[:, None].to(tl.int64) * stride_vs, mask=first, other=0.0)
+    if PDL:  # wait for the previous kernel's writes (q, a new key), then let the next kernel launch and start its
+        # own loads while this one streams K and V
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    if PREFETCH != 1:
+        length = S
+        if HAS_LENGTHS:  # clamp: never read past the view
+            length = tl.minimum(tl.load(lengths_ptr + b).to(tl.int32), S)
+        end = tl.minimum(start + split_size, length)
+    if PREFETCH == 2:  # the newest key/value (column length - 1), written by the previous
+        # kernel: read it again past L1 (.cg; the prefetch may have cached the line before it was written)
+        last = length - 1
+        fresh_mask = d < tl.where((last >= start) & (last < start + BLOCK_S), D, 0)  # d < D in this tile
+        k_last = tl.load(k_ptr + b * stride_kb + h * stride_kh + last.to(tl.int64) * stride_ks + d * stride_kd,
+                         mask=fresh_mask, other=0.0, cache_modifier=".cg")  # fmt: skip
+        v_last = tl.load(v_ptr + b * stride_vb + h * stride_vh + last.to(tl.int64) * stride_vs + d * stride_vd,
+                         mask=fresh_mask, other=0.0, cache_modifier=".cg")  # fmt: skip
+        k0 = tl.where((keys0 == last)[:, None], k_last[None, :], k0)
+        v0 = tl.where((keys0 == last)[:, None], v_last[None, :], v0)
 
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + d * stride_qd, mask=d_mask, other=0.0).to(tl.float32)
     if INT8:
-        k_scale = tl.load(k_scale_ptr + b * stride_ksb + h * stride_ksh + d * stride_ksd, mask=d_mask, other=0.0)
-        q = q * k_scale
+        q = q * tl.load(k_scale_ptr + b * stride_ksb + h * stride_ksh + d * stride_ksd, mask=d_mask, other=0.0)
     q = q * qk_scale  # [BLOCK_D]
 
-    if HAS_LENGTHS:
-        length = tl.minimum(tl.load(lengths_ptr + b).to(tl.int32), S)  # clamp: never read past the view
-    else:
-        length = S
-    start = split * split_size
-    end = tl.minimum(start + split_size, length)
-
-    k_row = k_ptr + b * stride_kb + h * stride_kh + d[None, :] * stride_kd
-    v_row = v_ptr + b * stride_vb + h * stride_vh + d[None, :] * stride_vd
     # Online softmax kept per key slot (s mod BLOCK_S), not per program: every slot j carries its own running
     # max m_j, sum l_j and output row acc_j, so the loop body has no reduction across the key axis (no
     # cross-warp shared-memory round trip per block); only q . k reduces, along D, inside a warp. The slots
-    # are merged once after the loop, with the same rescaling as the splits in _merge_kernel.
+    # are merged once after the loop, with the same rescaling as the splits in _merge_splits.
     m_j = tl.full([BLOCK_S], -float("inf"), dtype=tl.float32)
     l_j = tl.zeros([BLOCK_S], dtype=tl.float32)
     acc_j = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
-    for s0 in range(start, end, BLOCK_S):
+    loop_start = start
+    if PREFETCH != 0:  # the prefetched first tile, then the loop from the second. (Without a prefetch the loop
+        # runs every tile: peeling the first one measured up to 1.5x slower on the H200 for 12-tile splits.)
+        m_j, l_j, acc_j = _attend_tile(q, k0.to(tl.float32), v0.to(tl.float32), keys0 < end, m_j, l_j, acc_j)
+        loop_start = start + BLOCK_S
+    for s0 in range(loop_start, end, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         s_mask = s < end
         tile_mask = s_mask[:, None] & d_mask[None, :]
-        s = s.to(tl.int64)
-        k = tl.load(k_row + s[:, None] * stride_ks, mask=tile_mask, other=0.0).to(tl.float32)  # [BLOCK_S, BLOCK_D]
-        v = tl.load(v_row + s[:, None] * stride_vs, mask=tile_mask, other=0.0).to(tl.float32)
-        qk = tl.where(s_mask, tl.sum(q[None, :] * k, axis=1), -float("inf"))  # [BLOCK_S], base-2 logits
-        m_new = tl.maximum(m_j, qk)
-        m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)  # a slot with no key yet: keep 2^(-inf) = 0
-        alpha = tl.exp2(m_j - m_ref)
-        p = tl.exp2(qk - m_ref)
-        l_j = l_j * alpha + p
-        acc_j = acc_j * alpha[:, None] + p[:, None] * v
-        m_j = m_new
-    # Merge the slots. A split past the sequence's length ran no iteration: it stores (-inf, 0, 0).
+        k_at = k_row + _key_offsets(rows_ptr, b, s, s_mask, stride_rb, stride_kb, stride_ks, ROWS)
+        v_at = v_row + _key_offsets(rows_ptr, b, s, s_mask, stride_rb, stride_vb, stride_vs, ROWS)
+        k = tl.load(k_at, mask=tile_mask, other=0.0).to(tl.float32)  # [BLOCK_S, BLOCK_D]
+        v = tl.load(v_at, mask=tile_mask, other=0.0).to(tl.float32)
+        m_j, l_j, acc_j = _attend_tile(q, k, v, s_mask, m_j, l_j, acc_j)
+    # Merge the slots. A split past the sequence's length attended no key: it stores (-inf, 0, 0).
     m_i = tl.max(m_j, axis=0)
     w = tl.exp2(m_j - tl.where(m_i == -float("inf"), 0.0, m_i))  # [BLOCK_S]
     l_i = tl.sum(w * l_j, axis=0)
@@ -127,14 +211,21 @@ def _split_kernel(
     if INT8:
         acc = acc * tl.load(v_scale_ptr + b * stride_vsb + h * stride_vsh + d * stride_vsd, mask=d_mask, other=0.0)
 
+    out_at = out_ptr + b * stride_ob + h * stride_oh + d * stride_od
     if WRITE_OUT:
-        out = acc / l_i
-        tl.store(out_ptr + b * stride_ob + h * stride_oh + d * stride_od, out.to(out_ptr.dtype.element_ty), mask=d_mask)
+        tl.store(out_at, (acc / l_i).to(out_ptr.dtype.element_ty), mask=d_mask)
     else:
         slot = bh * num_splits + split
         tl.store(m_ptr + slot, m_i)
         tl.store(l_ptr + slot, l_i)
         tl.store(acc_ptr + slot * D + d, acc, mask=d_mask)
+        if COUNTED:  # "last block" reduction: the atomic (acquire-release, GPU scope) orders this program's
+            # stores before its ticket, and the program that draws the last ticket sees every other split's
+            ticket = tl.atomic_add(counter_ptr + bh, 1, sem="acq_rel", scope="gpu")
+            if ticket == num_splits - 1:
+                out = _merge_splits(m_ptr, l_ptr, acc_ptr, bh, num_splits, D, d, d_mask, BLOCK_SPLITS)
+                tl.store(out_at, out.to(out_ptr.dtype.element_ty), mask=d_mask)
+                tl.store(counter_ptr + bh, 0)  # zero again for the next launch (every split has drawn)
 
 
 @triton.jit
@@ -154,22 +245,13 @@ def _merge_kernel(
     if PDL:  # as in _split_kernel: the next kernel (a decode_linear GEMV) loads its weight while this one merges
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-    # out = sum_i 2^(m_i - M) acc_i / sum_i 2^(m_i - M) l_i with M = max_i m_i; empty splits (m_i = -inf)
-    # get weight 0. The workspace is tiny (B * H * num_splits * (D + 2) floats) and stays in L2.
+    # The workspace is tiny (B * H * num_splits * (D + 2) floats) and stays in L2.
     bh = tl.program_id(0)
-    b = bh // H
-    h = bh % H
-    i = tl.arange(0, BLOCK_SPLITS)
-    i_mask = i < num_splits
     d = tl.arange(0, BLOCK_D)
     d_mask = d < D
-    slot = bh * num_splits + i
-    m = tl.load(m_ptr + slot, mask=i_mask, other=-float("inf"))
-    l = tl.load(l_ptr + slot, mask=i_mask, other=0.0)
-    acc = tl.load(acc_ptr + slot[:, None] * D + d[None, :], mask=i_mask[:, None] & d_mask[None, :], other=0.0)
-    w = tl.exp2(m - tl.max(m, axis=0))  # [BLOCK_SPLITS]
-    out = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * l, axis=0)  # [BLOCK_D]
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + d * stride_od, out.to(out_ptr.dtype.element_ty), mask=d_mask)
+    out = _merge_splits(m_ptr, l_ptr, acc_ptr, bh, num_splits, D, d, d_mask, BLOCK_SPLITS)
+    tl.store(out_ptr + (bh // H) * stride_ob + (bh % H) * stride_oh + d * stride_od, out.to(out_ptr.dtype.element_ty),
+             mask=d_mask)  # fmt: skip
 
 
 def _check(q, k, v, lengths, k_scale, v_scale) -> None:
@@ -200,6 +282,38 @@ def _check(q, k, v, lengths, k_scale, v_scale) -> None:
         if lengths.shape != (b,) or lengths.dtype not in (torch.int32, torch.int64):
             got = f"{list(lengths.shape)} {lengths.dtype}"
             raise KernelInputError(f"lengths must be int32/int64 of shape [{b}], got {got}")
+
+
+def _check_launch(q, k, lengths, prefetch: str, counters: torch.Tensor | None, rows: torch.Tensor | None) -> None:
+    """The options of :func:`decode_attention` beyond the attention's inputs."""
+    if prefetch not in PREFETCH:
+        raise KernelInputError(f"prefetch must be one of {sorted(PREFETCH)}, got {prefetch!r}")
+    if rows is not None:
+        b, s = k.shape[0], k.shape[2]
+        if rows.dim() != 2 or rows.shape[0] != b or rows.shape[1] < s or rows.dtype not in (torch.int32, torch.int64):
+            raise KernelInputError(f"rows must be int32/int64 [B={b}, >= S={s}], got {rows.dtype} {list(rows.shape)}")
+        if rows.stride(1) != 1:
+            raise KernelInputError("rows must have unit stride along the keys")
+        if prefetch != "none" or k.dtype == torch.int8:
+            raise KernelInputError("rows (keys gathered from other cache rows) take prefetch='none' and float k/v")
+    if prefetch == "all_but_last" and lengths is None:
+        raise KernelInputError("prefetch='all_but_last' needs lengths (the newest key is at lengths - 1)")
+    if counters is not None:
+        rows = q.shape[0] * q.shape[1]
+        if counters.dtype != torch.int32 or counters.dim() != 1 or not counters.is_contiguous():
+            raise KernelInputError(f"counters must be a contiguous 1-D int32 tensor, got {counters.dtype} "
+                                   f"{list(counters.shape)}")  # fmt: skip
+        if counters.numel() < rows or counters.device != q.device:
+            raise KernelInputError(
+                f"counters must hold >= B * H = {rows} zeros on {q.device}, got {counters.numel()} on {counters.device}"
+            )
+
+
+def split_counters(rows: int, device) -> torch.Tensor:
+    """Zeroed int32 counters for ``decode_attention(..., counters=)`` over up to ``rows`` (batch x head) rows.
+    Each launch leaves them zero again. One set serves any number of launches on one stream, one after another
+    (as in an engine's decode step); launches that may run at the same time need a set each."""
+    return torch.zeros(rows, dtype=torch.int32, device=device)
 
 
 SHORT_KEYS = 128  # caches up to this many keys take the short plan when the rows fill the GPU
@@ -248,6 +362,9 @@ def decode_attention_triton(
     *,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    prefetch: str = "none",
+    counters: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
     block_s: int | None = None,
     num_splits: int | None = None,
     num_warps: int | None = None,
@@ -258,7 +375,8 @@ def decode_attention_triton(
     ``num_warps`` override the shape-based defaults, for tests and tuning.
     """
     _check(q, k, v, lengths, k_scale, v_scale)
-    utils.check_launchable(*(t for t in (q, k, v, lengths, k_scale, v_scale) if t is not None))
+    _check_launch(q, k, lengths, prefetch, counters, rows)
+    utils.check_launchable(*(t for t in (q, k, v, lengths, k_scale, v_scale, rows) if t is not None))
     if block_s is not None and (block_s < 16 or block_s & (block_s - 1)):
         raise KernelInputError(f"block_s must be a power of two >= 16, got {block_s}")
     batch, heads, seq, dim = k.shape
@@ -278,20 +396,22 @@ def decode_attention_triton(
         acc = utils.empty((batch * heads, splits, dim), torch.float32, q.device)
     pdl = utils.pdl_supported(q.device)  # programmatic dependent launch on Hopper (see decode_linear)
     launch = {"launch_pdl": True} if pdl else {}
-    ks = k_scale if int8 else q  # placeholders: never read unless INT8 / HAS_LENGTHS
+    ks = k_scale if int8 else q  # placeholders: never read unless INT8 / HAS_LENGTHS / COUNTED
     vs = v_scale if int8 else q
+    counted = splits > 1 and counters is not None
     _split_kernel[(batch * heads, splits)](
-        q, k, v, ks, vs, lengths if lengths is not None else q,
-        m, l, acc, out,
+        q, k, v, ks, vs, lengths if lengths is not None else q, rows if rows is not None else q,
+        m, l, acc, counters if counted else q, out,
         heads, seq, dim, splits, split_size, scale * LOG2E,
         *q.stride(), *k.stride(), *v.stride(),
         *(ks.stride(0), ks.stride(1), ks.stride(-1)),
         *(vs.stride(0), vs.stride(1), vs.stride(-1)),
-        *out.stride(),
-        WRITE_OUT=splits == 1, HAS_LENGTHS=lengths is not None, INT8=int8, PDL=pdl,
-        BLOCK_S=block_s, BLOCK_D=block_d, num_warps=num_warps, **launch,
+        *out.stride(), rows.stride(0) if rows is not None else 0,
+        WRITE_OUT=splits == 1, ROWS=rows is not None, COUNTED=counted, HAS_LENGTHS=lengths is not None, INT8=int8, PDL=pdl,
+        PREFETCH=PREFETCH[prefetch], BLOCK_S=block_s, BLOCK_D=block_d,
+        BLOCK_SPLITS=utils.next_power_of_2(splits), num_warps=num_warps, **launch,
     )  # fmt: skip
-    if splits > 1:
+    if splits > 1 and not counted:
         _merge_kernel[(batch * heads,)](
             m, l, acc, out, heads, dim, splits, *out.stride(),
             BLOCK_SPLITS=utils.next_power_of_2(splits), BLOCK_D=block_d, PDL=pdl, num_warps=4, **launch,
@@ -308,11 +428,19 @@ def decode_attention_ref(
     *,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    prefetch: str = "none",
+    counters: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """PyTorch reference in fp32: dequantise, masked softmax over the keys ``s < lengths[b]``, weighted sum."""
+    """PyTorch reference in fp32: gather the keys' cache rows (``rows``), dequantise, masked softmax over the
+    keys ``s < lengths[b]``, weighted sum. ``prefetch`` and ``counters`` (launch options) are checked only."""
     _check(q, k, v, lengths, k_scale, v_scale)
-    seq, dim = k.shape[2], k.shape[3]
+    _check_launch(q, k, lengths, prefetch, counters, rows)
+    batch, heads, seq, dim = k.shape
     scale = dim**-0.5 if scale is None else scale
+    if rows is not None:  # k[b, h, s] <- k[rows[b, s], h, s]
+        index = rows[:, None, :seq, None].long().expand(batch, heads, seq, dim)
+        k, v = k.gather(0, index), v.gather(0, index)
     kf, vf = k.float(), v.float()  # [B, H, S, D]
     if k.dtype == torch.int8:
         kf, vf = kf * k_scale, vf * v_scale
@@ -333,6 +461,9 @@ def decode_attention(
     *,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    prefetch: str = "none",
+    counters: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one query per (sequence, head) over a key/value cache.
 
@@ -344,13 +475,24 @@ def decode_attention(
             above S act as S). None attends all S keys. A length of 0 has no keys and gives NaN.
         scale: softmax scale, default ``D ** -0.5``.
         k_scale, v_scale: ``[B, H, 1, D]`` fp32 per-channel scales of int8 k/v (``k ~= k_int8 * k_scale``).
+        prefetch: what was written before the previous kernel on the stream, so that under programmatic
+            dependent launch (Hopper) the kernel may load it while that kernel still runs: ``"none"``;
+            ``"all"`` (k, v, lengths and scales: cross-attention over a fixed encoder output); ``"all_but_last"``
+            (all but each row's newest key and value, column ``lengths[b] - 1``: self-attention right after
+            the projection that wrote the new token's k and v). A wrong promise reads stale keys.
+        counters: from :func:`split_counters`: when the keys are split over programs, the last program of each
+            row to finish merges the splits (no second launch). None: a merge kernel follows.
+        rows: ``[B, >= S]`` int32/int64: key s of sequence b is read from cache row ``rows[b, s]`` (the same
+            column s). Beam search keeps a table instead of reordering the cache: each beam's keys stay in
+            the row of the beam that computed them. None: row b.
 
     Returns:
         ``[B, H, D]`` in q's dtype. Triton on CUDA, the PyTorch reference otherwise.
     """
+    options = dict(k_scale=k_scale, v_scale=v_scale, prefetch=prefetch, counters=counters, rows=rows)
     if utils.use_triton(q):
-        return decode_attention_triton(q, k, v, lengths, scale, k_scale=k_scale, v_scale=v_scale)
-    return decode_attention_ref(q, k, v, lengths, scale, k_scale=k_scale, v_scale=v_scale)
+        return decode_attention_triton(q, k, v, lengths, scale, **options)
+    return decode_attention_ref(q, k, v, lengths, scale, **options)
 
 
 def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

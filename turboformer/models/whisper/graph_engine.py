@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from turboformer.kernels.bias_gelu import bias_gelu
-from turboformer.kernels.decode_attention import decode_attention, quantize_kv
+from turboformer.kernels.decode_attention import decode_attention, quantize_kv, split_counters
 from turboformer.kernels.decode_linear import MAX_ROWS as DECODE_LINEAR_MAX_ROWS
 from turboformer.kernels.decode_linear import KVCache, decode_linear
 from turboformer.kernels.kv_cache_write import kv_cache_write
@@ -144,6 +144,9 @@ class GraphEngine:
         scale_shape = (cfg.n_text_layer, rows, self.heads, 1, self.head_dim)
         self.cross_k_scale = torch.ones(scale_shape, device=self.device) if int8 else None
         self.cross_v_scale = torch.ones(scale_shape, device=self.device) if int8 else None
+        # the decode step's attentions merge their key splits in their last program (no merge launch); the
+        # step's launches run one after another on one stream, so they share one set of counters
+        self.attention_counters = split_counters(rows * self.heads, self.device)
 
         # static step inputs and outputs
         self.tokens = torch.zeros(rows, dtype=torch.long, device=self.device)
@@ -180,7 +183,9 @@ class GraphEngine:
 
     def _decode_fused(self, b: int) -> None:
         """One row (or up to ``fused_rows``): each weight is streamed once by ``decode_linear`` with its neighbours
-        fused (10 launches per layer: 6 weight streams, 2 x (attention splits + merge))."""
+        fused (8 launches per layer: 6 weight streams, 2 attentions that merge their key splits themselves).
+        Under PDL each attention loads keys before the previous kernel ends: the cross K/V, and every self key
+        but the one the qkv projection has just written."""
         tokens, pos, dtype = self.tokens[:b], self.pos[:b], self.dtype
         lengths = (pos + 1).to(torch.int32)  # keys attended: columns 0..pos
 
@@ -192,10 +197,10 @@ class GraphEngine:
         for i, layer in enumerate(self.layers):
             cache = KVCache(self.self_k[i, :b], self.self_v[i, :b], pos)  # this token's k, v -> column pos[b]
             q = linear(x, layer.qkv, ln=layer.attn_ln, kv_cache=cache).view(b, self.heads, self.head_dim)
-            a = decode_attention(q, self.self_k[i, :b], self.self_v[i, :b], lengths)
+            a = self._self_attention(q, i, lengths, chained=True)
             linear(a.reshape(b, -1), layer.out, residual=x)
             q = linear(x, layer.cross_q, ln=layer.cross_ln).view(b, self.heads, self.head_dim)
-            linear(self._cross_attention(q, i).reshape(b, -1), layer.cross_out, residual=x)
+            linear(self._cross_attention(q, i, chained=True).reshape(b, -1), layer.cross_out, residual=x)
             g = linear(x, layer.fc1, layer.fc1_bias, ln=layer.mlp_ln, gelu=True)  # [b, 4C]
             linear(g, layer.fc2, residual=x)
         self.logits[:b] = decode_linear(x, self.embedding, ln=self.final_ln, out_dtype=torch.float32)
@@ -209,22 +214,38 @@ class GraphEngine:
         for i, layer in enumerate(self.layers):
             q, k, v = layer.qkv(h).view(b, 3, self.heads, self.head_dim).unbind(1)  # each [b, H, D]
             kv_cache_write(k, v, self.self_k[i, :b], self.self_v[i, :b], pos)
-            a = decode_attention(q, self.self_k[i, :b], self.self_v[i, :b], lengths)
+            a = self._self_attention(q, i, lengths, chained=False)
             x, h = add_layer_norm(x, layer.out(a.reshape(b, -1)), *layer.cross_ln, out_dtype=dtype)
             q = layer.cross_q(h).view(b, self.heads, self.head_dim)
-            a = self._cross_attention(q, i)
+            a = self._cross_attention(q, i, chained=False)
             x, h = add_layer_norm(x, layer.cross_out(a.reshape(b, -1)), *layer.mlp_ln, out_dtype=dtype)
             delta = layer.fc2(bias_gelu(layer.fc1(h), layer.fc1_bias))
             next_ln = self.layers[i + 1].attn_ln if i + 1 < len(self.layers) else self.final_ln
             x, h = add_layer_norm(x, delta, *next_ln, out_dtype=dtype)
         self.logits[:b] = F.linear(h, self.embedding).float()
 
-    def _cross_attention(self, q: torch.Tensor, layer: int) -> torch.Tensor:
-        """q [b, H, D] over layer's 1500-frame cross K/V of rows [:b] (int8 with their scales when quantized)."""
+    def _chained(self, chained: bool, prefetch: str) -> dict:
+        """decode_attention's options inside the fused step's PDL chain: load the keys that the previous kernel
+        did not write before waiting for it, and merge the key splits in the last split program. Measured on the
+        H200 (ab_decode_step.py): large-v3 batch 1 1.175 -> 1.147 ms/token with both, no gain from either alone;
+        the batched step's attentions follow cuBLAS GEMMs (no early start) and were slower with them (4.49 ->
+        4.73 ms at batch 16), so they keep the merge kernel."""
+        return {"prefetch": prefetch, "counters": self.attention_counters} if chained else {}
+
+    def _self_attention(self, q: torch.Tensor, layer: int, lengths: torch.Tensor, chained: bool) -> torch.Tensor:
+        """q [b, H, D] over columns [0, pos] of layer's self K/V; the previous kernel wrote column pos."""
+        b = q.shape[0]
+        k, v = self.self_k[layer, :b], self.self_v[layer, :b]
+        return decode_attention(q, k, v, lengths, **self._chained(chained, "all_but_last"))
+
+    def _cross_attention(self, q: torch.Tensor, layer: int, chained: bool) -> torch.Tensor:
+        """q [b, H, D] over layer's 1500-frame cross K/V of rows [:b] (int8 with their scales when quantized),
+        written when the window entered its row."""
         b, scales = q.shape[0], {}
         if self.cross_k_scale is not None:
             scales = dict(k_scale=self.cross_k_scale[layer, :b], v_scale=self.cross_v_scale[layer, :b])
-        return decode_attention(q, self.cross_k[layer, :b], self.cross_v[layer, :b], None, **scales)
+        k, v = self.cross_k[layer, :b], self.cross_v[layer, :b]
+        return decode_attention(q, k, v, None, **scales, **self._chained(chained, "all"))
 
     def _step(self, b: int) -> None:
         self._decode(b)
