@@ -4,9 +4,10 @@ random weights, features and prompt, each tree in its own process, run alternate
     mkdir /tmp/old && git archive <revision> turboformer | tar -x -C /tmp/old
     python benchmarks/ab_trees.py --old /tmp/old [--new .] [--models tiny large-v3] [--batches 1 16] [--rounds 2]
 
-Per (model, batch, fp16 / INT8 weights): the best of ``--rounds`` per tree (each a median of 7 graphed greedy runs
-of 100 tokens after the prompt, prefill subtracted), the ratio new / old, and the share of greedy tokens that are
-equal. Used for the decode-attention change of the tenth session (results/NVIDIA-H200/ab_attention_prefetch.md).
+Per (model, batch, fp16 / INT8 weights): the best of ``--rounds`` per tree (each is
+``ab_decode_step.per_token_ms``: a median of 5 graphed greedy runs of 100 tokens after the prompt, prefill
+subtracted), the ratio new / old, and the share of greedy tokens that are equal. Used for the decode-attention
+change of the tenth session (results/NVIDIA-H200/ab_attention_prefetch.md).
 """
 
 from __future__ import annotations
@@ -25,30 +26,17 @@ sys.path.insert(0, root)
 import torch
 import turboformer
 assert os.path.abspath(turboformer.__file__).startswith(os.path.abspath(root)), turboformer.__file__
-from turboformer.benchmark.whisper import cuda_ms, prompt_for
-from turboformer.models.whisper.config import WHISPER_CONFIGS
-from turboformer.models.whisper.convert import random_model
-from turboformer.models.whisper.graph_engine import EngineOptions, GraphEngine
+sys.path.append(sys.argv[5])  # this script's folder: ab_decode_step's timing, on the tree imported above
+from ab_decode_step import GraphEngine, EngineOptions, WHISPER_CONFIGS, per_token_ms, random_model
 results = {}
 for name in models:
     config = WHISPER_CONFIGS[name]
     model = random_model(config, device="cuda", dtype=torch.float16)
-    eot = 50257 if config.multilingual else 50256
-    suppress = torch.zeros(config.n_vocab, device="cuda")
-    suppress[eot] = -math.inf
     for batch in batches:
         for quantize in (None, "int8"):
             engine = GraphEngine(model, EngineOptions(buckets=(batch,), quantize=quantize), "cuda")
-            torch.manual_seed(1)
-            features = engine.encode(torch.randn(batch, config.n_mels, 3000, device="cuda"))
-            prompt = torch.tensor([prompt_for(config)] * batch)
-            def head():
-                engine.start(features, 1, torch.zeros(batch, dtype=torch.long))
-                return engine.prefill(prompt, torch.zeros(batch, dtype=torch.long))[0]
-            def decode():
-                return engine.greedy((head() + suppress).argmax(-1), 100, suppress)
-            tokens = decode()
-            ms = (cuda_ms(decode, 7) - cuda_ms(head, 7)) / 99
+            torch.manual_seed(1)  # the same encoder input in both trees
+            ms, tokens = per_token_ms(engine, config, batch)
             results[f"{name} | {batch} | {quantize or 'fp16'}"] = {"ms": ms, "tokens": tokens.tolist()}
             del engine
             gc.collect()
@@ -59,7 +47,8 @@ json.dump(results, open(out, "w"))
 
 def run_tree(root: str, models: list[str], batches: list[int]) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        cmd = [sys.executable, "-c", CHILD, root, out.name, ",".join(models), ",".join(map(str, batches))]
+        here = str(Path(__file__).resolve().parent)
+        cmd = [sys.executable, "-c", CHILD, root, out.name, ",".join(models), ",".join(map(str, batches)), here]
         subprocess.run(cmd, check=True)
         return json.loads(Path(out.name).read_text())
 
