@@ -169,8 +169,9 @@ def test_rows_gather_keys_from_other_cache_rows(num_splits, dtype):
     assert_close_to_gold(decode_attention_ref(q, k, v, lengths, rows=rows), gold, sdpa(q, kg, vg, lengths, None))
     # the same table with every row pointing at itself is the plain attention
     own = torch.arange(b, dtype=torch.int64, device=DEVICE)[:, None].expand(b, s).contiguous()
-    torch.testing.assert_close(decode_attention_triton(q, k, v, lengths, rows=own, num_splits=num_splits),
-                               decode_attention_triton(q, k, v, lengths, num_splits=num_splits), atol=0, rtol=0)  # fmt: skip
+    via_rows = decode_attention_triton(q, k, v, lengths, rows=own, num_splits=num_splits)
+    plain = decode_attention_triton(q, k, v, lengths, num_splits=num_splits)
+    torch.testing.assert_close(via_rows, plain, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -309,7 +310,9 @@ def test_prefetch_after_a_writer(heads, dim):
             q.view(1, heads, dim), k_self, v_self, lengths, prefetch="all_but_last", counters=counters
         )
         qc = decode_linear(outs["self"].reshape(1, C), w_q, act_dtype=torch.float16)
-        outs["cross"] = decode_attention_triton(qc.view(1, heads, dim), k_cross, v_cross, prefetch="all", counters=counters)
+        outs["cross"] = decode_attention_triton(
+            qc.view(1, heads, dim), k_cross, v_cross, prefetch="all", counters=counters
+        )
         outs["q"], outs["qc"] = q, qc
 
     step()  # compile

@@ -76,6 +76,16 @@ def _key_offsets(rows_ptr, b, keys, mask, stride_rb, stride_b, stride_s, ROWS: t
 
 
 @triton.jit
+def _split_end(lengths_ptr, b, S, start, split_size, HAS_LENGTHS: tl.constexpr):
+    """(length, end): the keys row b attends (``lengths[b]`` clamped to S: never read past the view) and the end
+    of this split's part of them."""
+    length = S
+    if HAS_LENGTHS:
+        length = tl.minimum(tl.load(lengths_ptr + b).to(tl.int32), S)
+    return length, tl.minimum(start + split_size, length)
+
+
+@triton.jit
 def _merge_splits(m_ptr, l_ptr, acc_ptr, bh, num_splits, D, d, d_mask, BLOCK_SPLITS: tl.constexpr):
     """out [BLOCK_D] = sum_i 2^(m_i - M) acc_i / sum_i 2^(m_i - M) l_i over the splits of row bh, M = max_i m_i;
     empty splits (m_i = -inf) get weight 0. Loads bypass L1 (.cg): other programs wrote the workspace."""
@@ -145,16 +155,14 @@ def _split_kernel(
     # Under PDL the kernel starts while the previous one runs. The first key tile of a split is loaded before the
     # wait when the caller says it was written earlier (PREFETCH): for cross-attention ("all") a program
     # of a 1500-frame split often has only this one tile, so its whole K/V stream overlaps the previous kernel.
+    # (prefetch and rows are exclusive: k_row, v_row are row b's.)
     if PREFETCH == 1:
-        length = S
-        if HAS_LENGTHS:
-            length = tl.minimum(tl.load(lengths_ptr + b).to(tl.int32), S)
-        end = tl.minimum(start + split_size, length)
-        first = (keys0 < end)[:, None] & d_mask[None, :]
-        k0 = tl.load(k_row + keys0[:, None].to(tl.int64) * stride_ks, mask=first, other=0.0)
-        v0 = tl.load(v_row + keys0[:, None].to(tl.int64) * stride_vs, mask=first, other=0.0)
+        length, end = _split_end(lengths_ptr, b, S, start, split_size, HAS_LENGTHS)
+        bound = end
     elif PREFETCH == 2:  # the length is not known yet: load the tile as far as the cache goes
-        first = (keys0 < tl.minimum(start + split_size, S))[:, None] & d_mask[None, :]
+        bound = tl.minimum(start + split_size, S)
+    if PREFETCH != 0:
+        first = (keys0 < bound)[:, None] & d_mask[None, :]
         k0 = tl.load(k_row + keys0[:, None].to(tl.int64) * stride_ks, mask=first, other=0.0)
         v0 = tl.load(v_row + keys0[:, None].to(tl.int64) * stride_vs, mask=first, other=0.0)
     if PDL:  # wait for the previous kernel's writes (q, a new key), then let the next kernel launch and start its
@@ -162,10 +170,7 @@ def _split_kernel(
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     if PREFETCH != 1:
-        length = S
-        if HAS_LENGTHS:  # clamp: never read past the view
-            length = tl.minimum(tl.load(lengths_ptr + b).to(tl.int32), S)
-        end = tl.minimum(start + split_size, length)
+        length, end = _split_end(lengths_ptr, b, S, start, split_size, HAS_LENGTHS)
     if PREFETCH == 2:  # the newest key/value (column length - 1), written by the previous
         # kernel: read it again past L1 (.cg; the prefetch may have cached the line before it was written)
         last = length - 1
@@ -299,13 +304,13 @@ def _check_launch(q, k, lengths, prefetch: str, counters: torch.Tensor | None, r
     if prefetch == "all_but_last" and lengths is None:
         raise KernelInputError("prefetch='all_but_last' needs lengths (the newest key is at lengths - 1)")
     if counters is not None:
-        rows = q.shape[0] * q.shape[1]
+        bh = q.shape[0] * q.shape[1]
         if counters.dtype != torch.int32 or counters.dim() != 1 or not counters.is_contiguous():
             raise KernelInputError(f"counters must be a contiguous 1-D int32 tensor, got {counters.dtype} "
                                    f"{list(counters.shape)}")  # fmt: skip
-        if counters.numel() < rows or counters.device != q.device:
+        if counters.numel() < bh or counters.device != q.device:
             raise KernelInputError(
-                f"counters must hold >= B * H = {rows} zeros on {q.device}, got {counters.numel()} on {counters.device}"
+                f"counters must hold >= B * H = {bh} zeros on {q.device}, got {counters.numel()} on {counters.device}"
             )
 
 
@@ -407,8 +412,8 @@ def decode_attention_triton(
         *(ks.stride(0), ks.stride(1), ks.stride(-1)),
         *(vs.stride(0), vs.stride(1), vs.stride(-1)),
         *out.stride(), rows.stride(0) if rows is not None else 0,
-        WRITE_OUT=splits == 1, ROWS=rows is not None, COUNTED=counted, HAS_LENGTHS=lengths is not None, INT8=int8, PDL=pdl,
-        PREFETCH=PREFETCH[prefetch], BLOCK_S=block_s, BLOCK_D=block_d,
+        WRITE_OUT=splits == 1, ROWS=rows is not None, COUNTED=counted, HAS_LENGTHS=lengths is not None,
+        INT8=int8, PDL=pdl, PREFETCH=PREFETCH[prefetch], BLOCK_S=block_s, BLOCK_D=block_d,
         BLOCK_SPLITS=utils.next_power_of_2(splits), num_warps=num_warps, **launch,
     )  # fmt: skip
     if splits > 1 and not counted:
