@@ -22,8 +22,8 @@ from turboformer.kernels.dynamic_conv import (
     dynamic_conv_step_ref,
     dynamic_conv_step_triton,
     dynamic_conv_triton,
-    launch_on_cpu,
 )
+from turboformer.kernels.utils import launch_on_cpu
 from turboformer.models.lite_transformer.model import build_model
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -26,10 +26,6 @@ write removes two launches per layer and step compared with the PyTorch path (so
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from collections.abc import Iterator
-
 import torch
 import torch.nn.functional as F
 
@@ -283,33 +279,8 @@ def dynamic_conv_step_ref(
 # ----------------------------------------------------------------------------------------------------------
 # Dispatchers.
 
-_INTERPRET_ON_CPU: contextvars.ContextVar[bool] = contextvars.ContextVar("dynamic_conv_on_cpu", default=False)
-
-
-@contextlib.contextmanager
-def launch_on_cpu() -> Iterator[None]:
-    """Within this block the dispatchers below also run the Triton launchers on CPU tensors, in the interpreter
-    (``TRITON_INTERPRET=1``): lets a CPU test run a whole model through the kernels. No effect without the
-    interpreter; :func:`turboformer.kernels.use_reference` still wins."""
-    token = _INTERPRET_ON_CPU.set(True)
-    try:
-        yield
-    finally:
-        _INTERPRET_ON_CPU.reset(token)
-
-
 def _use_kernel(x: torch.Tensor, K: int) -> bool:
-    if K > MAX_TAPS:
-        return False
-    if utils.use_triton(x):
-        return True
-    return (
-        _INTERPRET_ON_CPU.get()
-        and x.device.type == "cpu"
-        and utils.interpreting()
-        and utils.triton_available()
-        and not utils.reference_forced()
-    )
+    return K <= MAX_TAPS and utils.use_triton_or_interpreter(x)
 
 
 def dynamic_conv(x: torch.Tensor, weight: torch.Tensor, padding_l: int, softmax: bool = False) -> torch.Tensor:

@@ -89,6 +89,34 @@ def use_triton(x: torch.Tensor) -> bool:
     return x.device.type == "cuda" and triton_available() and not reference_forced()
 
 
+_LAUNCH_ON_CPU: contextvars.ContextVar[bool] = contextvars.ContextVar("turboformer_launch_on_cpu", default=False)
+
+
+@contextlib.contextmanager
+def launch_on_cpu() -> Iterator[None]:
+    """Within this block the dispatchers that honour it (:func:`use_triton_or_interpreter`) also run their Triton
+    launchers on CPU tensors, in the interpreter (``TRITON_INTERPRET=1``): lets a CPU test run a whole model
+    through the kernels. No effect without the interpreter; :func:`use_reference` still wins."""
+    token = _LAUNCH_ON_CPU.set(True)
+    try:
+        yield
+    finally:
+        _LAUNCH_ON_CPU.reset(token)
+
+
+def use_triton_or_interpreter(x: torch.Tensor) -> bool:
+    """:func:`use_triton`, or a CPU tensor inside :func:`launch_on_cpu` with the interpreter on."""
+    if use_triton(x):
+        return True
+    return (
+        _LAUNCH_ON_CPU.get()
+        and x.device.type == "cpu"
+        and interpreting()
+        and triton_available()
+        and not reference_forced()
+    )
+
+
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -158,8 +186,9 @@ def next_power_of_2(n: int) -> int:
 
 @contextlib.contextmanager
 def poison_buffers() -> Iterator[None]:
-    """Within this block every buffer a launcher allocates (outputs and fp32 workspaces) starts as NaN, so a
-    kernel that leaves any element unwritten shows NaN instead of stale memory. For tests and debugging."""
+    """Within this block every buffer a launcher allocates (outputs and fp32 workspaces) starts as NaN (integer
+    ones as their most negative value), so a kernel that leaves any element unwritten shows it instead of stale
+    memory. For tests and debugging."""
     token = _POISON.set(True)
     try:
         yield
@@ -171,8 +200,8 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> t
     """Allocate an output or workspace buffer on the launch device: ``torch.empty`` (no host sync, capturable
     in a CUDA graph), NaN-filled inside :func:`poison_buffers`. Every launcher allocates through here."""
     buffer = torch.empty(shape, dtype=dtype, device=device)
-    if _POISON.get():
-        buffer.fill_(float("nan"))
+    if _POISON.get():  # integer buffers: the most negative value
+        buffer.fill_(float("nan") if dtype.is_floating_point else torch.iinfo(dtype).min)
     return buffer
 
 

@@ -387,7 +387,7 @@ def test_engine_through_the_triton_conv_kernel():
     """The engine's convolution windows (strided [N, K_i, C_i] views of one tensor, always called at position
     K - 1) through the Triton step kernel (the interpreter on CPU) give the reference's hypotheses."""
     from turboformer.kernels import utils
-    from turboformer.kernels.dynamic_conv import launch_on_cpu
+    from turboformer.kernels.utils import launch_on_cpu
 
     if not torch.cuda.is_available() and not (utils.interpreting() and utils.triton_available()):
         pytest.skip("needs Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py) or a GPU")

@@ -24,9 +24,12 @@ symbols, ``T`` = the largest max_len):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
+from turboformer.kernels.beam_search_step import beam_advance_ref, beam_search_step
 from turboformer.models.lite_transformer.generate import (
     BeamSearchOptions,
     GenerationError,
@@ -102,57 +105,18 @@ class BeamSearchState:
         self.fin_step.zero_()
 
     def advance(self, lprobs: Tensor) -> None:
-        """One step from the next-token log-probabilities ``lprobs`` [N, V] (float32, modified in place).
+        """One step from the next-token log-probabilities ``lprobs`` [N, V] (float32, modified in place):
+        :func:`.beam_search_step.beam_advance_ref`. Device work only: no host sync, no data-dependent shapes
+        (CUDA-graph safe)."""
+        sp = self.special
+        beam_advance_ref(lprobs, self, sp.pad, sp.unk, sp.eos)
 
-        Device work only: no host sync, no data-dependent shapes (CUDA-graph safe)."""
-        sp, k, B, V = self.special, self.k, self.B, self.V
-        step = self.step
-        last = step >= self.max_len  # 0-d bool: only </s> may follow
-        lprobs[:, sp.pad] = NEG_INF
-        lprobs[:, sp.unk] -= self.unk_penalty
-        eos = lprobs[:, sp.eos].clone()
-        eos = torch.where(~last & (step < self.min_len), NEG_INF, eos)
-        lprobs.masked_fill_(last, NEG_INF)
-        lprobs[:, sp.eos] = eos
-
-        flat = (lprobs.view(B, k, V) + self.prev_scores.view(B, k, 1)).view(B, k * V)
-        cand_scores, cand_flat = flat.topk(2 * k)  # [B, 2k]
-        cand_tokens = cand_flat % V
-        cand_rows = cand_flat // V + self.offsets
-        cand_eos = cand_tokens.eq(sp.eos)
-
-        # finish </s> candidates among the top k, in candidate order, while the sentence has < k finished
-        done = self.n_finished >= k  # [B]
-        finishing = cand_eos[:, :k] & ~done[:, None] & (cand_scores[:, :k] > NEG_INF) & (step <= self.max_len)
-        rank = finishing.long().cumsum(dim=1)  # 1, 2, ... along the finishing candidates
-        accept = finishing & (self.n_finished[:, None] + rank <= k)
-        slot = torch.where(accept, self.n_finished[:, None] + rank - 1, k)  # [B, k]; k = the spare slot
-        where = self.fin_order.gather(1, slot).view(-1)  # [B k] flat slots
-        rows = cand_rows[:, :k].reshape(-1)
-        step1 = step.view(1)
-        hyp_tokens = self.tokens.index_select(0, rows)[:, 1:]  # [B k, T + 1]
-        hyp_tokens.index_fill_(1, step1, sp.eos)
-        hyp_cumulative = self.scores.index_select(0, rows)
-        hyp_cumulative.index_copy_(1, step1, cand_scores[:, :k].reshape(-1, 1))
-        self.fin_tokens.index_copy_(0, where, hyp_tokens)
-        self.fin_cumulative.index_copy_(0, where, hyp_cumulative)
-        self.fin_step.index_copy_(0, where, step.expand(B * k))
-        self.n_finished += accept.sum(dim=1)
-
-        # continue with the k best candidates that do not end: </s> ones sort after all others
-        order = cand_eos.long() * (2 * k) + self.candidate_order
-        active = order.topk(k, dim=1, largest=False).indices  # [B, k]
-        rows = cand_rows.gather(1, active).view(-1)  # [N]
-        chosen_tokens = cand_tokens.gather(1, active).view(-1)
-        chosen_scores = cand_scores.gather(1, active).view(-1)
-        self.tokens.copy_(self.tokens.index_select(0, rows))
-        self.tokens.index_copy_(1, step1 + 1, chosen_tokens[:, None])
-        self.scores.copy_(self.scores.index_select(0, rows))
-        self.scores.index_copy_(1, step1, chosen_scores[:, None])
-        self.prev_scores.copy_(chosen_scores)
-        self.next_tokens.copy_(chosen_tokens)
-        self.reorder_rows.copy_(rows)
-        self.step += 1
+    def advance_logits(self, logits: Tensor, tables: Sequence[Tensor] = ()) -> None:
+        """One step from the decoder's logits [N, V] (fp16/bf16/fp32): :func:`.beam_search_step.beam_search_step`
+        (two Triton launches on CUDA; log_softmax + :meth:`advance` elsewhere). ``tables``: [N, L] int64 tensors
+        whose rows follow the surviving beams."""
+        sp = self.special
+        beam_search_step(logits, self, sp.pad, sp.unk, sp.eos, tables)
 
     def finished_all(self) -> bool:
         """Whether every sentence has k finished hypotheses (a host sync)."""

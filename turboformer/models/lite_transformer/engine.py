@@ -16,9 +16,9 @@ One replayed step (N = sentences x beam rows; shapes for the WMT En-De size: C =
       x = LayerNorm(x + [attn | conv] @ W_out^T + b_out)   one GEMM (block-diagonal [out_proj | linear2]) + fused LN
       x = LayerNorm(x + cross_out(decode_attention(cross_q(x), encoder K/V)))
       x = LayerNorm(x + fc2(act(fc1(x))))
-    log p = log_softmax(x @ E^T) in fp32; BeamSearchState.advance(log p)
-    caches: the self-K/V row table reordered by the chosen beams (the caches stay: each key stays in the row
-    that computed it); convolution windows reordered and shifted by one time step
+    BeamSearchState.advance_logits(x @ E^T): log_softmax in fp32, masks, top 2k, finished hypotheses, and the
+    self-K/V row table reordered by the chosen beams (the caches stay: each key stays in the row that computed
+    it), in two kernels (kernels/beam_search_step.py); convolution windows reordered and shifted by one step
 
 Static decoding state (per graph key ``(beam, sentence bucket, source capacity, target capacity)``):
 
@@ -363,12 +363,11 @@ class LiteTransformerEngine:
             x, h = self._residual(x, h, delta, layer.ffn_norm, following)
         if self.final_norm is not None and not self.pre_norm:
             h = layer_norm(h, *self.final_norm)
-        lprobs = F.log_softmax(self.output(h), dim=-1, dtype=torch.float32)  # [N, V]
-        state.advance(lprobs)
+        # the search step from the logits [N, V] (log-softmax, masks, top 2k, bookkeeping: two launches on CUDA).
+        # Beam 1 keeps its rows; otherwise row i continues row reorder_rows[i] and takes that row's table of
+        # where its prefix's keys are (reordered with the histories) instead of a copy of the caches
+        state.advance_logits(self.output(h), tables=(slot.kv_rows,) if state.k > 1 else ())
         rows = state.reorder_rows
-        if state.k > 1:  # beam 1 keeps its rows. Row i continues row rows[i]: it takes that row's table of where
-            # its prefix's keys are (a [N, L] gather) instead of a copy of the caches (~30 MB at 16 x 4 beams)
-            slot.kv_rows.copy_(slot.kv_rows.index_select(0, rows))
         if slot.conv_windows is not None:  # reorder + shift by one time step in one copy
             w = slot.conv_windows
             moved = w.index_select(1, rows) if state.k > 1 else w
