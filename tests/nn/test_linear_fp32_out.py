@@ -41,3 +41,18 @@ def test_gpu_fp32_out_is_closer_than_rounded(dtype, bias):
     rounded = F.linear(x, w, None if b is None else b.to(dtype)).double()
     error, rounded_error = (y.double() - exact).abs().max(), (rounded - exact).abs().max()
     assert error < 1e-3 < rounded_error  # fp32 accumulation only vs an output rounded to 8-11 bits
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_packed_linear_fp32_out(int8):
+    """PackedLinear.fp32_out: the fp32 product with the fp32 bias (fp16/bf16/fp32 weights), or the INT8 kernel's
+    output in x's dtype."""
+    from turboformer.nn.linear import PackedLinear
+
+    x, w, b = _operands(torch.float32, "cpu")
+    packed = PackedLinear(w, b, torch.float32, int8=int8)
+    y = packed.fp32_out(x)
+    assert y.dtype == torch.float32 and y.shape == (3, 5, 40)
+    assert torch.allclose(y, packed(x), atol=1e-5)
+    if not int8:
+        assert torch.allclose(y, F.linear(x, w, b), atol=1e-5)

@@ -44,6 +44,7 @@ class PackedLinear:
         else:
             self.weight, self.scale = weight.to(dtype).contiguous(), None
         self.bias = None if bias is None else bias.to(dtype).contiguous()
+        self.bias32 = None if bias is None else bias.float().contiguous()  # for fp32_out
 
     @classmethod
     def of(
@@ -55,6 +56,14 @@ class PackedLinear:
         if self.int8:
             return int8_linear(x, self.weight, self.scale, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+    def fp32_out(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W^T + b`` in fp32 straight from cuBLAS's fp32 accumulator for fp16/bf16 weights
+        (:func:`linear_fp32_out`, with the bias kept in fp32), e.g. logits that a search compares; the INT8
+        kernel's output in x's dtype otherwise."""
+        if self.int8:
+            return int8_linear(x, self.weight, self.scale, self.bias)
+        return linear_fp32_out(x, self.weight, self.bias32)
 
     @property
     def nbytes(self) -> int:

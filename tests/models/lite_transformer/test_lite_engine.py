@@ -383,15 +383,18 @@ def test_cuda_translator_fp16(reference_dir, expected_generate):
     assert_upstream_translations(translator, reference_dir, expected_generate, score_tol=0.1)  # fp16 scores
 
 
-def test_engine_through_the_triton_conv_kernel():
-    """The engine's convolution windows (strided [N, K_i, C_i] views of one tensor, always called at position
-    K - 1) through the Triton step kernel (the interpreter on CPU) give the reference's hypotheses."""
+@pytest.mark.parametrize("normalize_before", [False, True])
+def test_engine_through_the_triton_kernels(normalize_before):
+    """The engine's step through its Triton kernels (the interpreter on CPU): the convolution windows (strided
+    [N, K_i, C_i] views of one tensor, always called at position K - 1), the sublayers' first linears with the
+    residual add + LayerNorm in their prologue (post-norm and pre-norm) and the beam-search step give the
+    reference's hypotheses."""
     from turboformer.kernels import utils
     from turboformer.kernels.utils import launch_on_cpu
 
     if not torch.cuda.is_available() and not (utils.interpreting() and utils.triton_available()):
         pytest.skip("needs Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py) or a GPU")
-    model = eos_prone_model(seed=1)
+    model = eos_prone_model(seed=1, normalize_before=normalize_before)
     engine = cpu_engine(model, sentence_buckets=(8,))
     src = random_src(5, 6, 30, seed=0)
     options = BeamSearchOptions(3, 1.0, nbest=3)

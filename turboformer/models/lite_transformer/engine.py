@@ -13,10 +13,12 @@ One replayed step (N = sentences x beam rows; shapes for the WMT En-De size: C =
       u = x @ W_in^T + b_in      one GEMM: block-diagonal [q; k; v | linear1] over the branch channels
       attention branch: kv_cache_write(k, v at column step); decode_attention(q, cache[:step + 1])
       convolution branch: GLU(u_conv); taps = weight_linear(.); dynamic_conv_step over the last K inputs
-      x = LayerNorm(x + [attn | conv] @ W_out^T + b_out)   one GEMM (block-diagonal [out_proj | linear2]) + fused LN
+      x = LayerNorm(x + [attn | conv] @ W_out^T + b_out)   one GEMM (block-diagonal [out_proj | linear2])
       x = LayerNorm(x + cross_out(decode_attention(cross_q(x), encoder K/V)))
       x = LayerNorm(x + fc2(act(fc1(x))))
-    BeamSearchState.advance_logits(x @ E^T): log_softmax in fp32, masks, top 2k, finished hypotheses, and the
+    each "x = LayerNorm(x + delta)" runs in the prologue of the next sublayer's first GEMM (in_proj, cross_q,
+    fc1 + ReLU: kernels/norm_linear.py), which also stores the new x; INT8 weights run it as add_layer_norm
+    BeamSearchState.advance_logits(x @ E^T, fp32 from the GEMM's accumulator): log_softmax in fp32, masks, top 2k, finished hypotheses, and the
     self-K/V row table reordered by the chosen beams (the caches stay: each key stays in the row that computed
     it), in two kernels (kernels/beam_search_step.py); convolution windows reordered and shifted by one step
 
@@ -54,6 +56,7 @@ from turboformer.kernels.decode_attention import decode_attention
 from turboformer.kernels.dynamic_conv import dynamic_conv_step
 from turboformer.kernels.kv_cache_write import kv_cache_write
 from turboformer.kernels.layer_norm import add_layer_norm, layer_norm
+from turboformer.kernels.norm_linear import MAX_FEATURES, norm_linear
 from turboformer.models.lite_transformer.device_search import BeamSearchState
 from turboformer.models.lite_transformer.dynamic_conv import (
     DynamicConv,
@@ -293,20 +296,41 @@ class LiteTransformerEngine:
 
     # ------------------------------------------------------------------ the captured step ----------------------
 
-    def _residual(self, x: Tensor, h: Tensor, delta: Tensor, norm: tuple, next_norm: tuple | None):
-        """Post-norm: x = h = LN(x + delta). Pre-norm: x = x + delta, h = next sublayer's LN(x) (``next_norm``;
-        None after the last layer without a final norm). Returns (x, h): the residual stream and the next input."""
-        if not self.pre_norm:
-            y = add_layer_norm(x, delta, norm[0], norm[1], norm[2])[1]
-            return y, y
-        if next_norm is None:
-            x = x + delta
-            return x, x
-        return add_layer_norm(x, delta, next_norm[0], next_norm[1], next_norm[2])
+    def _add_norm(self, x: Tensor, pending: tuple) -> tuple[Tensor, Tensor]:
+        """The residual point left ``pending = (delta | None, norm | None)``: returns (the residual stream, the
+        next sublayer's input). Post-norm: both are LN(x + delta). Pre-norm: x + delta, and its LN by ``norm``
+        (the next sublayer's; None after the last layer without a final norm)."""
+        delta, norm = pending
+        if delta is not None and norm is not None:
+            s, h = add_layer_norm(x, delta, norm[0], norm[1], norm[2])
+        elif delta is not None:
+            s = h = x + delta
+        else:
+            s, h = x, (x if norm is None else layer_norm(x, *norm))
+        return (s if self.pre_norm else h), h
 
-    def _lsra(self, slot: _Slot, i: int, layer: _Layer, h: Tensor) -> Tensor:
-        N = h.shape[0]
-        u = layer.in_proj(h)  # [N, sum of branch in-projections]
+    def _first_linear(self, x: Tensor, pending: tuple, linear: PackedLinear, relu: bool = False):
+        """A sublayer's first linear on its input: ``pending``'s add + LayerNorm (:meth:`_add_norm`) fused into
+        the GEMM's prologue (``norm_linear``) for fp16/bf16 weights; INT8 weights run it unfused. Returns
+        (the linear's output, after ReLU when ``relu``; the residual stream)."""
+        delta, norm = pending
+        if not linear.int8 and linear.in_features <= MAX_FEATURES and (delta is None or norm is not None):
+            ln, eps = (None, 1e-5) if norm is None else (norm[:2], norm[2])
+            keep = "sum" if self.pre_norm else "norm"
+            return norm_linear(x, linear.weight, linear.bias, delta=delta, ln=ln, eps=eps, keep=keep, relu=relu)
+        x, h = self._add_norm(x, pending)
+        y = linear(h)
+        return (F.relu(y) if relu else y), x
+
+    def _pending(self, delta: Tensor, norm: tuple, next_norm: tuple | None) -> tuple:
+        """What a sublayer with output ``delta`` leaves to the next: post-norm adds and normalises with the
+        sublayer's own norm, pre-norm with the next sublayer's."""
+        return delta, (next_norm if self.pre_norm else norm)
+
+    def _lsra(self, slot: _Slot, i: int, layer: _Layer, x: Tensor, pending: tuple) -> tuple[Tensor, Tensor]:
+        """The LSRA sublayer: (its output, the residual stream)."""
+        N = x.shape[0]
+        u, x = self._first_linear(x, pending, layer.in_proj)  # [N, sum of branch in-projections]
         outs = []
         for branch in layer.branches:
             d = branch.dim
@@ -321,25 +345,26 @@ class LiteTransformerEngine:
                 outs.append(a.reshape(N, d))
             else:
                 width = 2 * d if branch.glu else d
-                x = u[:, branch.in_offset : branch.in_offset + width]
+                c = u[:, branch.in_offset : branch.in_offset + width]
                 if branch.glu:
-                    x = F.glu(x, dim=-1)
-                x = x.contiguous()  # [N, d]
+                    c = F.glu(c, dim=-1)
+                c = c.contiguous()  # [N, d]
                 if branch.weight_linear is not None:
-                    logits = branch.weight_linear(x).view(N, branch.heads, branch.kernel_size)
+                    logits = branch.weight_linear(c).view(N, branch.heads, branch.kernel_size)
                 else:
                     logits = branch.fixed_logits
                 K = branch.kernel_size
                 window = slot.conv_windows[branch.index, :, :K, :d]  # [N, K, d], slot K - 1 = this step
-                outs.append(dynamic_conv_step(x, window, logits, K - 1, branch.softmax))
-        return layer.out_proj(torch.cat(outs, dim=-1))
+                outs.append(dynamic_conv_step(c, window, logits, K - 1, branch.softmax))
+        return layer.out_proj(torch.cat(outs, dim=-1)), x
 
-    def _cross(self, slot: _Slot, i: int, layer: _Layer, h: Tensor) -> Tensor:
-        N, H, D = h.shape[0], self.cross_heads, self.cross_head_dim
-        q = layer.cross_q(h).view(N, H, D)
+    def _cross(self, slot: _Slot, i: int, layer: _Layer, x: Tensor, pending: tuple) -> tuple[Tensor, Tensor]:
+        """Encoder-decoder attention: (its output, the residual stream)."""
+        N, H, D = x.shape[0], self.cross_heads, self.cross_head_dim
+        q, x = self._first_linear(x, pending, layer.cross_q)
         kv = slot.cross_kv[i]  # [2, N, H, S, D]
-        a = decode_attention(q, kv[0], kv[1], slot.cross_lengths, D**-0.5)
-        return layer.cross_out(a.reshape(N, H * D))
+        a = decode_attention(q.view(N, H, D), kv[0], kv[1], slot.cross_lengths, D**-0.5)
+        return layer.cross_out(a.reshape(N, H * D)), x
 
     def _step(self, slot: _Slot) -> None:
         """One beam-search step for all rows of ``slot``: device work only (captured as the slot's graph)."""
@@ -352,21 +377,26 @@ class LiteTransformerEngine:
         x = self.embed_scale * F.embedding(state.next_tokens, self.embed)  # [N, C]
         if self.position_table is not None:
             x = x + self.position_table.index_select(0, state.step.view(1) + (self.padding_idx + 1))
-        h = x
-        if self.pre_norm:
-            h = layer_norm(x, *self.layers[0].lsra_norm)
+        # each sublayer leaves its residual add + LayerNorm pending: the next sublayer's first linear does it
+        pending = (None, self.layers[0].lsra_norm if self.pre_norm else None)
         for i, layer in enumerate(self.layers):
-            x, h = self._residual(x, h, self._lsra(slot, i, layer, h), layer.lsra_norm, layer.cross_norm)
-            x, h = self._residual(x, h, self._cross(slot, i, layer, h), layer.cross_norm, layer.ffn_norm)
-            delta = layer.fc2(self.activation(layer.fc1(h)))
+            delta, x = self._lsra(slot, i, layer, x, pending)
+            pending = self._pending(delta, layer.lsra_norm, layer.cross_norm)
+            delta, x = self._cross(slot, i, layer, x, pending)
+            pending = self._pending(delta, layer.cross_norm, layer.ffn_norm)
+            relu = self.activation is F.relu
+            f, x = self._first_linear(x, pending, layer.fc1, relu=relu)
+            delta = layer.fc2(f if relu else self.activation(f))
             following = self.layers[i + 1].lsra_norm if i + 1 < len(self.layers) else self.final_norm
-            x, h = self._residual(x, h, delta, layer.ffn_norm, following)
+            pending = self._pending(delta, layer.ffn_norm, following)
+        x, h = self._add_norm(x, pending)
         if self.final_norm is not None and not self.pre_norm:
             h = layer_norm(h, *self.final_norm)
         # the search step from the logits [N, V] (log-softmax, masks, top 2k, bookkeeping: two launches on CUDA).
         # Beam 1 keeps its rows; otherwise row i continues row reorder_rows[i] and takes that row's table of
         # where its prefix's keys are (reordered with the histories) instead of a copy of the caches
-        state.advance_logits(self.output(h), tables=(slot.kv_rows,) if state.k > 1 else ())
+        # fp32 logits straight from the GEMM's accumulator: fp16 rounding would tie symbols that fp32 orders
+        state.advance_logits(self.output.fp32_out(h), tables=(slot.kv_rows,) if state.k > 1 else ())
         rows = state.reorder_rows
         if slot.conv_windows is not None:  # reorder + shift by one time step in one copy
             w = slot.conv_windows
