@@ -20,6 +20,8 @@ from turboformer.kernels import KernelInputError, poison_buffers, use_reference
 from turboformer.kernels.dynamic_conv import (
     dynamic_conv_ref,
     dynamic_conv_step_ref,
+    dynamic_conv_step_rows_ref,
+    dynamic_conv_step_rows_triton,
     dynamic_conv_step_triton,
     dynamic_conv_triton,
 )
@@ -130,6 +132,60 @@ def test_dynamic_conv_step(shape, softmax, dtype):
     assert torch.equal(buffer, ref_buffer)
 
 
+def beam_paths(B, T, C, H, K, dtype, with_rows, seed=0):
+    """Inputs of T steps of B beams and, per step, the rows the beams continue (random parents with repeats when
+    ``with_rows``, the rows themselves otherwise); and the fp64 gold of each step: the taps over the last K inputs
+    of each beam's own path (zeros before its first step)."""
+    g = torch.Generator().manual_seed(seed)
+    xs = torch.randn(T, B, C, generator=g).to(DEVICE, dtype)
+    ws = torch.randn(T, B, H, K, generator=g).to(DEVICE, dtype)
+    parents = torch.randint(0, B, (T, B), generator=g) if with_rows else torch.arange(B).repeat(T, 1)
+    paths = [[] for _ in range(B)]
+    gold = torch.zeros(T, B, C, dtype=torch.float64)
+    for t in range(T):
+        for b in range(B):
+            paths[b] = paths[b] + [xs[t, b].double().cpu()]
+            taps = torch.softmax(ws[t, b].double().cpu(), dim=-1).repeat_interleave(C // H, dim=0)  # [C, K]
+            for k in range(K):
+                src = len(paths[b]) - K + k
+                if src >= 0:
+                    gold[t, b] += taps[:, k] * paths[b][src]
+        paths = [paths[int(p)] for p in parents[t]]
+    return xs, ws, parents.to(DEVICE), gold.to(DEVICE)
+
+
+def run_rows(step_fn, xs, ws, parents, with_rows):
+    """The engine's use: the row table gets column t = own row before the step and follows the parents after."""
+    T, B, C = xs.shape
+    history = torch.zeros(B, T + 2, C, device=DEVICE, dtype=xs.dtype)
+    table = torch.arange(B, device=DEVICE)[:, None].repeat(1, T + 2)
+    outs = []
+    for t in range(T):
+        table[:, t] = torch.arange(B, device=DEVICE)
+        step = torch.tensor(t, device=DEVICE)
+        outs.append(step_fn(xs[t], history, ws[t], step, table if with_rows else None, True))
+        table = table[parents[t]]
+    return torch.stack(outs), history
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_rows", [True, False])
+@pytest.mark.parametrize("B, C, H, K", [(4, 12, 3, 4), (3, 10, 2, 1), (5, 260, 4, 7)])
+def test_dynamic_conv_step_rows(B, C, H, K, with_rows, dtype):
+    """Beams that read their own path's inputs through the row table (no window copies) get the convolution of
+    their path: the kernel and the reference against fp64 loops over explicit paths."""
+    T = 9
+    xs, ws, parents, gold = beam_paths(B, T, C, H, K, dtype, with_rows)
+    torch_lowp, ref_history = run_rows(dynamic_conv_step_rows_ref, xs, ws, parents, with_rows)
+    with poison_buffers():
+        out, history = run_rows(dynamic_conv_step_rows_triton, xs, ws, parents, with_rows)
+    assert out.dtype == dtype
+    assert_close_to_gold(out, gold, torch_lowp)
+    if dtype == torch.float32:
+        assert_close_to_gold(torch_lowp, gold, torch_lowp)
+    assert torch.equal(history, ref_history)
+
+
 def test_errors():
     x = torch.zeros(1, 4, 6, device=DEVICE)
     with pytest.raises(KernelInputError, match="padding_l"):
@@ -143,6 +199,13 @@ def test_errors():
     with pytest.raises(KernelInputError, match="dtype"):
         buffer = torch.zeros(1, 3, 6, device=DEVICE, dtype=torch.float16)
         dynamic_conv_step_triton(x[:, 0], buffer, torch.zeros(1, 2, 3, device=DEVICE), 0)
+    step, taps, history = torch.tensor(1, device=DEVICE), torch.zeros(1, 2, 3, device=DEVICE), torch.zeros(1, 5, 6)
+    with pytest.raises(KernelInputError, match="history must be"):
+        dynamic_conv_step_rows_triton(x[:, 0], history[:, :, :4].to(DEVICE), taps, step)
+    with pytest.raises(KernelInputError, match="0-d integer"):
+        dynamic_conv_step_rows_triton(x[:, 0], history.to(DEVICE), taps, step.float())
+    with pytest.raises(KernelInputError, match="rows must be"):
+        dynamic_conv_step_rows_triton(x[:, 0], history.to(DEVICE), taps, step, torch.zeros(1, 4, device=DEVICE).long())
 
 
 def test_model_through_kernels_matches_reference():

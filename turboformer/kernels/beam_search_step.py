@@ -43,6 +43,7 @@ from turboformer.kernels.utils import KernelInputError, tl, triton
 
 NEG_INF = float("-inf")
 MAX_CHUNKS = 32  # symbols per row are split into at most this many chunks of BLOCK_V (>= 1,024)
+CANDIDATE_WARPS = 4  # warps of a candidates program
 
 
 class BeamTensors(Protocol):
@@ -331,9 +332,11 @@ def _check(logits: torch.Tensor, s: BeamTensors, tables: Sequence[torch.Tensor])
 
 
 def beam_search_step_triton(
-    logits: torch.Tensor, s: BeamTensors, pad: int, unk: int, eos: int, tables: Sequence[torch.Tensor] = ()
+    logits: torch.Tensor, s: BeamTensors, pad: int, unk: int, eos: int, tables: Sequence[torch.Tensor] = (),
+    *, block_v: int | None = None, num_warps: int | None = None,
 ) -> None:
-    """The two kernels (module docstring) and the step increment; ``tables``: at most one ``[N, L]`` int64."""
+    """The two kernels (module docstring) and the step increment; ``tables``: at most one ``[N, L]`` int64.
+    ``block_v``, ``num_warps``: the candidates kernel's chunk and warps (tuning sweeps)."""
     _check(logits, s, tables)
     if len(tables) > 1:
         raise KernelInputError(f"the kernel reorders at most one table, got {len(tables)}")
@@ -344,7 +347,7 @@ def beam_search_step_triton(
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     N, V, k = s.N, s.V, s.k
-    block_v = max(1024, utils.next_power_of_2(utils.cdiv(V, MAX_CHUNKS)))
+    block_v = block_v or max(1024, utils.next_power_of_2(utils.cdiv(V, MAX_CHUNKS)))
     chunks = utils.cdiv(V, block_v)
     topk = 2 * k
     device = logits.device
@@ -355,7 +358,7 @@ def beam_search_step_triton(
     scalars = (s.step, s.max_len, s.min_len, s.unk_penalty)
     _row_candidates_kernel[(N, chunks)](
         logits, logits.stride(0), *scalars, cand_logit, cand_symbol, chunk_max, chunk_sum,
-        V, chunks, pad, unk, eos, TOPK=topk, BLOCK_V=block_v, num_warps=4,
+        V, chunks, pad, unk, eos, TOPK=topk, BLOCK_V=block_v, num_warps=num_warps or CANDIDATE_WARPS,
     )  # fmt: skip
     table = tables[0] if tables else s.tokens
     _beam_select_kernel[(s.B,)](

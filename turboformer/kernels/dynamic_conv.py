@@ -16,7 +16,10 @@ Two ops:
 * :func:`dynamic_conv` -- the full sequence, ``x [B, T, C]``, ``logits [B|1, T|1, H, K]``;
 * :func:`dynamic_conv_step` -- one causal decoding step: writes ``x [B, C]`` into slot ``position % K`` of the
   static ring buffer ``[B, K, C]`` (slot s holds step t' = s mod K) and convolves the last K inputs; tap k reads
-  slot ``(position + 1 + k) % K``, the newest input (tap K - 1) is taken from registers.
+  slot ``(position + 1 + k) % K``, the newest input (tap K - 1) is taken from registers;
+* :func:`dynamic_conv_step_rows` -- the same step for beams: inputs are kept by (cache row, step) in a ``[B, L, C]``
+  history, column ``step`` (a device tensor) is written and tap k reads step ``step - K + 1 + k`` of row b's
+  prefix from cache row ``rows[b, step - K + 1 + k]`` (the beam search's row table): a beam reorder copies nothing.
 
 Kernel layout: one program per output row (b, t) and block of ``BLOCK_C`` channels; each channel gathers its head's
 K logits (H distinct values per row, served from L1) and its K input rows. At Lite Transformer sizes (C <= 248
@@ -140,6 +143,59 @@ def _dynamic_conv_step_kernel(
     tl.store(out_ptr + b * stride_ob + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _dynamic_conv_rows_kernel(
+    x_ptr,  # [B, C] this step's input (unit stride along C)
+    hist_ptr,  # [B, L, C] inputs by (cache row, step); column `step` of row b written here
+    w_ptr,  # [B, H, K] logits or normalised taps (stride 0 along a broadcast batch)
+    out_ptr,  # [B, C] out
+    rows_ptr,  # [B, L] int64: the cache row holding step s of row b's prefix (HAS_ROWS; else row b itself)
+    step_ptr,  # [] int64: this step t
+    C,
+    R,
+    stride_xb,
+    stride_hb,
+    stride_ht,
+    stride_wb,
+    stride_wh,
+    stride_wk,
+    stride_ob,
+    stride_rb,
+    K: tl.constexpr,
+    SOFTMAX: tl.constexpr,
+    HAS_ROWS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = cols < C
+    t = tl.load(step_ptr)
+    head_off = (cols // R) * stride_wh
+    w_row_ptr = w_ptr + b * stride_wb
+    x_new = tl.load(x_ptr + b * stride_xb + cols, mask=mask, other=0.0).to(hist_ptr.dtype.element_ty)
+    # Column t is the only one written and no tap k < K - 1 reads it (they read steps < t): no hazard.
+    tl.store(hist_ptr + b * stride_hb + t * stride_ht + cols, x_new, mask=mask)
+    if SOFTMAX:
+        m, s = _tap_weights_max_sum(w_row_ptr, head_off, mask, stride_wk, K, BLOCK_C)
+    acc = tl.zeros([BLOCK_C], tl.float32)
+    for k in tl.static_range(K):
+        w = tl.load(w_row_ptr + head_off + k * stride_wk, mask=mask, other=0.0).to(tl.float32)
+        if SOFTMAX:
+            w = tl.exp(w - m) / s
+        w = w.to(hist_ptr.dtype.element_ty).to(tl.float32)
+        if k == K - 1:
+            xv = x_new.to(tl.float32)
+        else:
+            step = t - (K - 1 - k)  # steps before the first are zeros, as upstream's truncated first steps
+            seen = tl.maximum(step, 0)
+            src = tl.load(rows_ptr + b * stride_rb + seen) if HAS_ROWS else b
+            in_range = cols < tl.where(step >= 0, C, 0)  # mask & (step >= 0), as a vector comparison
+            xv = tl.load(hist_ptr + src * stride_hb + seen * stride_ht + cols, mask=in_range, other=0.0)
+            xv = xv.to(tl.float32)
+        acc += w * xv
+    tl.store(out_ptr + b * stride_ob + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Checks shared by the launchers and the references.
 
@@ -185,6 +241,31 @@ def _check_step(x: torch.Tensor, buffer: torch.Tensor, weight: torch.Tensor, pos
     _check_heads(C, H, K)
     if position < 0:
         raise KernelInputError(f"position must be >= 0, got {position}")
+    return B, C, H, K
+
+
+def _check_step_rows(x, history, weight, step, rows) -> tuple[int, ...]:
+    utils.check_float("x", x)
+    utils.check_float("weight", weight)
+    if x.dim() != 2 or history.dim() != 3 or weight.dim() != 3:
+        raise KernelInputError(
+            f"x must be [B, C], history [B, L, C], weight [B|1, H, K]; got "
+            f"{list(x.shape)}, {list(history.shape)}, {list(weight.shape)}"
+        )
+    B, C = x.shape
+    H, K = weight.shape[-2:]
+    if history.shape[0] != B or history.shape[2] != C:
+        raise KernelInputError(f"history must be [{B}, L, {C}], got {list(history.shape)}")
+    if history.dtype != x.dtype:
+        raise KernelInputError(f"history dtype {history.dtype} differs from x's {x.dtype}")
+    if weight.shape[0] not in (1, B):
+        raise KernelInputError(f"weight {list(weight.shape)} does not broadcast to [{B}, H, K]")
+    if step.dim() != 0 or step.dtype not in (torch.int32, torch.int64):
+        raise KernelInputError(f"step must be a 0-d integer tensor, got {step.dtype} {list(step.shape)}")
+    if rows is not None and (rows.dim() != 2 or rows.shape[0] != B or rows.shape[1] < history.shape[1]
+                             or rows.dtype != torch.int64):  # fmt: skip
+        raise KernelInputError(f"rows must be int64 [{B}, >= {history.shape[1]}], got {rows.dtype} {list(rows.shape)}")
+    _check_heads(C, H, K)
     return B, C, H, K
 
 
@@ -246,6 +327,37 @@ def dynamic_conv_step_triton(
     return out
 
 
+def dynamic_conv_step_rows_triton(
+    x: torch.Tensor,
+    history: torch.Tensor,
+    weight: torch.Tensor,
+    step: torch.Tensor,
+    rows: torch.Tensor | None = None,
+    softmax: bool = False,
+) -> torch.Tensor:
+    """:func:`dynamic_conv_step_rows` with the Triton kernel."""
+    B, C, H, K = _check_step_rows(x, history, weight, step, rows)
+    utils.check_launchable(*(t for t in (x, history, weight, step, rows) if t is not None))
+    if K > MAX_TAPS:
+        raise KernelInputError(f"{K} taps exceed the kernel's {MAX_TAPS}; use dynamic_conv_step_rows_ref")
+    if history.stride(-1) != 1:
+        raise KernelInputError("history must have unit stride along C (it is written in place)")
+    x = _channels_unit_stride(x)
+    w = weight.expand(B, H, K)
+    out = utils.empty((B, C), x.dtype, x.device)
+    if B > 0:
+        _dynamic_conv_rows_kernel[(B, utils.cdiv(C, BLOCK_C))](
+            x, history, w, out, rows if rows is not None else step, step,
+            C, C // H,
+            x.stride(0), history.stride(0), history.stride(1),
+            w.stride(0), w.stride(1), w.stride(2),
+            out.stride(0), rows.stride(0) if rows is not None else 0,
+            K=K, SOFTMAX=softmax, HAS_ROWS=rows is not None, BLOCK_C=BLOCK_C,
+            num_warps=4,
+        )  # fmt: skip
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------
 # References: the module's own computation (softmax in fp32 rounded to x's dtype, unfolded windows @ taps).
 
@@ -276,6 +388,28 @@ def dynamic_conv_step_ref(
     return (window @ taps.unsqueeze(-1)).reshape(B, C)
 
 
+def dynamic_conv_step_rows_ref(
+    x: torch.Tensor,
+    history: torch.Tensor,
+    weight: torch.Tensor,
+    step: torch.Tensor,
+    rows: torch.Tensor | None = None,
+    softmax: bool = False,
+) -> torch.Tensor:
+    """PyTorch reference of :func:`dynamic_conv_step_rows` (device ops only, no host sync): write column ``step``,
+    gather each row's last K inputs through ``rows``, one matmul per (b, h)."""
+    B, C, H, K = _check_step_rows(x, history, weight, step, rows)
+    history.index_copy_(1, step.view(1).long(), x[:, None])
+    steps = step.long() - (K - 1) + torch.arange(K, device=x.device)  # [K]
+    seen = steps.clamp(min=0)
+    src = torch.arange(B, device=x.device)[:, None].expand(B, K) if rows is None else rows.gather(1, seen.expand(B, K))
+    window = history[src, seen.expand(B, K)]  # [B, K, C]
+    window = window * (steps >= 0).to(x.dtype)[None, :, None]
+    window = window.view(B, K, H, C // H).permute(0, 2, 3, 1)  # [B, H, R, K]
+    taps = _taps(weight, softmax, x.dtype).expand(B, H, K)
+    return (window @ taps.unsqueeze(-1)).reshape(B, C)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Dispatchers.
 
@@ -300,3 +434,22 @@ def dynamic_conv_step(
     if _use_kernel(x, weight.shape[-1]):
         return dynamic_conv_step_triton(x, buffer, weight, position, softmax)
     return dynamic_conv_step_ref(x, buffer, weight, position, softmax)
+
+
+def dynamic_conv_step_rows(
+    x: torch.Tensor,
+    history: torch.Tensor,
+    weight: torch.Tensor,
+    step: torch.Tensor,
+    rows: torch.Tensor | None = None,
+    softmax: bool = False,
+) -> torch.Tensor:
+    """One causal decoding step over an input history shared by beams: ``x [B, C]`` is written into column
+    ``step`` (a 0-d device tensor) of ``history [B, L, C]`` (in place); the output ``[B, C]`` is ``x`` and the
+    inputs of steps ``step - K + 1 .. step - 1`` of row b's prefix, ``history[rows[b, s], s]`` (zeros before step
+    0; without ``rows`` row b's own history), convolved with ``weight [B|1, H, K]``. With ``rows`` the beam
+    search's self-attention row table, beams never copy their convolution windows. Triton on CUDA, the reference
+    otherwise."""
+    if _use_kernel(x, weight.shape[-1]):
+        return dynamic_conv_step_rows_triton(x, history, weight, step, rows, softmax)
+    return dynamic_conv_step_rows_ref(x, history, weight, step, rows, softmax)

@@ -12,7 +12,7 @@ One replayed step (N = sentences x beam rows; shapes for the WMT En-De size: C =
     per layer (post-norm as in the paper, pre-norm also handled):
       u = x @ W_in^T + b_in      one GEMM: block-diagonal [q; k; v | linear1] over the branch channels
       attention branch: kv_cache_write(k, v at column step); decode_attention(q, cache[:step + 1])
-      convolution branch: GLU(u_conv); taps = weight_linear(.); dynamic_conv_step over the last K inputs
+      convolution branch: GLU(u_conv); taps = weight_linear(.); dynamic_conv_step_rows over the last K inputs
       x = LayerNorm(x + [attn | conv] @ W_out^T + b_out)   one GEMM (block-diagonal [out_proj | linear2])
       x = LayerNorm(x + cross_out(decode_attention(cross_q(x), encoder K/V)))
       x = LayerNorm(x + fc2(act(fc1(x))))
@@ -20,7 +20,7 @@ One replayed step (N = sentences x beam rows; shapes for the WMT En-De size: C =
     fc1 + ReLU: kernels/norm_linear.py), which also stores the new x; INT8 weights run it as add_layer_norm
     BeamSearchState.advance_logits(x @ E^T, fp32 from the GEMM's accumulator): log_softmax in fp32, masks, top 2k, finished hypotheses, and the
     self-K/V row table reordered by the chosen beams (the caches stay: each key stays in the row that computed
-    it), in two kernels (kernels/beam_search_step.py); convolution windows reordered and shifted by one step
+    it), in two kernels (kernels/beam_search_step.py)
 
 Static decoding state (per graph key ``(beam, sentence bucket, source capacity, target capacity)``):
 
@@ -28,10 +28,10 @@ Static decoding state (per graph key ``(beam, sentence bucket, source capacity, 
   step t writes row b's key into (row b, column t) and sets ``kv_rows[b, t] = b``; a beam reorder permutes the
   table's rows, and ``decode_attention(rows=kv_rows)`` reads key s of row b from cache row ``kv_rows[b, s]``.
   Each (row, column) is written once per search, so no key is overwritten while a later beam still reads it;
-* convolution windows ``[n_conv, N, K_max, C_max]``: branch i uses ``[:, :K_i, :C_i]``, slot K_i - 1 is the newest
-  input. Each step ends with ``window[:, :, :-1] = window[rows, :, 1:]`` (reorder + shift in one copy), so the
-  kernel is always called with ``position = K - 1`` (slot K - 1 new, tap k reads slot k): no position in the graph.
-  Zeros before the first input reproduce upstream's truncated first steps;
+* convolution inputs ``[n_conv, N, L, C_max]`` (branch i uses ``[:, :, :C_i]``), kept like the keys: step t writes
+  row b's input into (row b, column t) and the step kernel reads the K - 1 before it from rows ``kv_rows[b, s]``
+  (``dynamic_conv_step_rows``; the step is a device tensor): nothing is copied when beams are reordered. Steps
+  before the first read as zeros, as upstream's truncated first steps;
 * encoder-decoder K/V ``[layers, 2, N, H, S, D]`` computed once per batch. Keys are *left-aligned*: a left-padded
   source row keeps its real keys in columns ``[0, len)``; attention is a sum over keys, so moving them changes
   nothing but lets ``decode_attention`` mask by length. Beam rows of one sentence share them: never reordered.
@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from turboformer.kernels.decode_attention import decode_attention
-from turboformer.kernels.dynamic_conv import dynamic_conv_step
+from turboformer.kernels.dynamic_conv import dynamic_conv_step_rows
 from turboformer.kernels.kv_cache_write import kv_cache_write
 from turboformer.kernels.layer_norm import add_layer_norm, layer_norm
 from turboformer.kernels.norm_linear import MAX_FEATURES, norm_linear
@@ -149,7 +149,7 @@ class _ConvBranch:
     kernel_size: int
     glu: bool
     softmax: bool
-    index: int  # its index in the convolution windows tensor
+    index: int  # its index in the convolution inputs tensor
     weight_linear: PackedLinear | None  # dynamic: taps predicted from the input; None: lightweight
     fixed_logits: Tensor | None  # lightweight: [1, H, K]
 
@@ -179,7 +179,7 @@ class _Slot:
     target_len: int  # decoder positions capacity (>= max_len + 1)
     state: BeamSearchState
     self_kv: dict  # (H, D) -> [n, 2, N, H, L, D]
-    conv_windows: Tensor | None  # [n_conv, N, K_max, C_max]
+    conv_history: Tensor | None  # [n_conv, N, L, C_max]
     cross_kv: Tensor  # [layers, 2, N, H, S, D]
     cross_lengths: Tensor  # [N] int64, real source tokens of each row
     positions: Tensor  # [N] int64: the step, per row (kv_cache_write reads one per row)
@@ -234,7 +234,7 @@ class LiteTransformerEngine:
         self.pre_norm = self.config.decoder.normalize_before
         self.activation = ACTIVATIONS[self.config.activation_fn]
         self.attn_groups: dict[tuple[int, int], int] = {}  # (H, D) -> attention branches in that cache tensor
-        self.conv_kernel_max = self.conv_dim_max = self.n_conv = 0
+        self.conv_dim_max = self.n_conv = 0
         self.layers = [self._convert(layer, dtype, int8) for layer in decoder.layers]
         self.cross_heads, self.cross_head_dim = self.layers[0].cross_heads, decoder.layers[0].cross_attn.head_dim
         self.use_graphs = options.cuda_graphs and self.device.type == "cuda"
@@ -274,7 +274,6 @@ class LiteTransformerEngine:
                     )
                 )  # fmt: skip
                 self.n_conv += 1
-                self.conv_kernel_max = max(self.conv_kernel_max, module.kernel_size)
                 self.conv_dim_max = max(self.conv_dim_max, dim)
                 offset += in_blocks[-1][0].shape[0]
         in_w, in_b = _block_diagonal(in_blocks)
@@ -322,6 +321,14 @@ class LiteTransformerEngine:
         y = linear(h)
         return (F.relu(y) if relu else y), x
 
+    @staticmethod
+    def _linear(linear: PackedLinear, x: Tensor) -> Tensor:
+        """``x @ W^T + b``: the norm_linear kernel without its prologue for fp16/bf16 weights (at 64 rows of 496
+        features on an H200 ~2.7 us against cuBLAS's ~4.2), the packed layer (cuBLAS, INT8) otherwise."""
+        if not linear.int8 and linear.in_features <= MAX_FEATURES:
+            return norm_linear(x, linear.weight, linear.bias)[0]
+        return linear(x)
+
     def _pending(self, delta: Tensor, norm: tuple, next_norm: tuple | None) -> tuple:
         """What a sublayer with output ``delta`` leaves to the next: post-norm adds and normalises with the
         sublayer's own norm, pre-norm with the next sublayer's."""
@@ -350,21 +357,22 @@ class LiteTransformerEngine:
                     c = F.glu(c, dim=-1)
                 c = c.contiguous()  # [N, d]
                 if branch.weight_linear is not None:
-                    logits = branch.weight_linear(c).view(N, branch.heads, branch.kernel_size)
+                    logits = self._linear(branch.weight_linear, c).view(N, branch.heads, branch.kernel_size)
                 else:
                     logits = branch.fixed_logits
-                K = branch.kernel_size
-                window = slot.conv_windows[branch.index, :, :K, :d]  # [N, K, d], slot K - 1 = this step
-                outs.append(dynamic_conv_step(c, window, logits, K - 1, branch.softmax))
-        return layer.out_proj(torch.cat(outs, dim=-1)), x
+                history = slot.conv_history[branch.index, :, :, :d]  # [N, L, d]: column `step` written here
+                rows = slot.kv_rows if slot.beam > 1 else None  # beams read their prefix's inputs where they are
+                outs.append(dynamic_conv_step_rows(c, history, logits, slot.state.step, rows, branch.softmax))
+        return self._linear(layer.out_proj, torch.cat(outs, dim=-1)), x
 
     def _cross(self, slot: _Slot, i: int, layer: _Layer, x: Tensor, pending: tuple) -> tuple[Tensor, Tensor]:
         """Encoder-decoder attention: (its output, the residual stream)."""
         N, H, D = x.shape[0], self.cross_heads, self.cross_head_dim
         q, x = self._first_linear(x, pending, layer.cross_q)
         kv = slot.cross_kv[i]  # [2, N, H, S, D]
-        a = decode_attention(q.view(N, H, D), kv[0], kv[1], slot.cross_lengths, D**-0.5)
-        return layer.cross_out(a.reshape(N, H * D)), x
+        # the encoder K/V were written before the step: each split loads its first tile before it waits (PDL)
+        a = decode_attention(q.view(N, H, D), kv[0], kv[1], slot.cross_lengths, D**-0.5, prefetch="all")
+        return self._linear(layer.cross_out, a.reshape(N, H * D)), x
 
     def _step(self, slot: _Slot) -> None:
         """One beam-search step for all rows of ``slot``: device work only (captured as the slot's graph)."""
@@ -386,7 +394,7 @@ class LiteTransformerEngine:
             pending = self._pending(delta, layer.cross_norm, layer.ffn_norm)
             relu = self.activation is F.relu
             f, x = self._first_linear(x, pending, layer.fc1, relu=relu)
-            delta = layer.fc2(f if relu else self.activation(f))
+            delta = self._linear(layer.fc2, f if relu else self.activation(f))
             following = self.layers[i + 1].lsra_norm if i + 1 < len(self.layers) else self.final_norm
             pending = self._pending(delta, layer.ffn_norm, following)
         x, h = self._add_norm(x, pending)
@@ -394,14 +402,10 @@ class LiteTransformerEngine:
             h = layer_norm(h, *self.final_norm)
         # the search step from the logits [N, V] (log-softmax, masks, top 2k, bookkeeping: two launches on CUDA).
         # Beam 1 keeps its rows; otherwise row i continues row reorder_rows[i] and takes that row's table of
-        # where its prefix's keys are (reordered with the histories) instead of a copy of the caches
-        # fp32 logits straight from the GEMM's accumulator: fp16 rounding would tie symbols that fp32 orders
+        # where its prefix's keys and convolution inputs are (reordered with the histories) instead of a copy of
+        # the caches. fp32 logits straight from the GEMM's accumulator: fp16 rounding would tie symbols that
+        # fp32 orders
         state.advance_logits(self.output.fp32_out(h), tables=(slot.kv_rows,) if state.k > 1 else ())
-        rows = state.reorder_rows
-        if slot.conv_windows is not None:  # reorder + shift by one time step in one copy
-            w = slot.conv_windows
-            moved = w.index_select(1, rows) if state.k > 1 else w
-            w[:, :, :-1] = moved[:, :, 1:].clone() if state.k == 1 else moved[:, :, 1:]
 
     # ------------------------------------------------------------------ slots and graphs -----------------------
 
@@ -419,14 +423,14 @@ class LiteTransformerEngine:
             self_kv = {
                 (H, D): torch.zeros(n, 2, N, H, L, D, dtype=dtype, device=dev) for (H, D), n in self.attn_groups.items()
             }
-            windows = None
+            history = None
             if self.n_conv:
-                windows = torch.zeros(self.n_conv, N, self.conv_kernel_max, self.conv_dim_max, dtype=dtype, device=dev)
+                history = torch.zeros(self.n_conv, N, L, self.conv_dim_max, dtype=dtype, device=dev)
             H, D = self.cross_heads, self.cross_head_dim
             cross_kv = torch.zeros(len(self.layers), 2, N, H, S, D, dtype=dtype, device=dev)
             long = dict(dtype=torch.long, device=dev)
             beam_rows = torch.arange(sentences, device=dev).repeat_interleave(beam)
-            slot = _Slot(sentences, beam, S, L, state, self_kv, windows, cross_kv,
+            slot = _Slot(sentences, beam, S, L, state, self_kv, history, cross_kv,
                          torch.ones(N, **long), torch.zeros(N, **long), torch.ones(N, **long), beam_rows,
                          torch.zeros(N, L, **long), torch.arange(N, device=dev))  # fmt: skip
             self.slots[key] = slot
@@ -439,8 +443,6 @@ class LiteTransformerEngine:
     def _reset(self, slot: _Slot, max_len: int) -> None:
         slot.state.reset(max_len)
         slot.kv_rows.copy_(slot.own_rows[:, None].expand_as(slot.kv_rows))
-        if slot.conv_windows is not None:
-            slot.conv_windows.zero_()
 
     # ------------------------------------------------------------------ generation -----------------------------
 
