@@ -101,21 +101,26 @@ def _dynamic_conv_kernel(
 @triton.jit
 def _dynamic_conv_step_kernel(
     x_ptr,  # [B, C] this step's input (unit stride along C)
-    buf_ptr,  # [B, K, C] ring buffer, slot position % K written here
+    buf_ptr,  # [B, K, C] ring buffer, slot position % K written here; HISTORY: [B, L, C], column step written
     w_ptr,  # [B, H, K] logits or normalised taps (stride 0 along a broadcast batch)
     out_ptr,  # [B, C] out
+    rows_ptr,  # HAS_ROWS: [B, L] int64, the cache row holding step s of row b's prefix (else row b itself)
+    step_ptr,  # HISTORY: [] int64, this step
     C,
     R,
-    position,
+    position,  # ring buffer: this step
     stride_xb,
     stride_bb,
-    stride_bk,
+    stride_bk,  # between slots (ring buffer) or steps (HISTORY)
     stride_wb,
     stride_wh,
     stride_wk,
     stride_ob,
+    stride_rb,
     K: tl.constexpr,
     SOFTMAX: tl.constexpr,
+    HISTORY: tl.constexpr,
+    HAS_ROWS: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -124,8 +129,13 @@ def _dynamic_conv_step_kernel(
     head_off = (cols // R) * stride_wh
     w_row_ptr = w_ptr + b * stride_wb
     x_new = tl.load(x_ptr + b * stride_xb + cols, mask=mask, other=0.0).to(buf_ptr.dtype.element_ty)
-    # The only slot written is position % K, which no tap k < K - 1 reads: no hazard within the program.
-    tl.store(buf_ptr + b * stride_bb + (position % K) * stride_bk + cols, x_new, mask=mask)
+    # The only slot (column) written is this step's, which no tap k < K - 1 reads: no hazard within the program.
+    if HISTORY:
+        t = tl.load(step_ptr)
+        tl.store(buf_ptr + b * stride_bb + t * stride_bk + cols, x_new, mask=mask)
+    else:
+        t = position
+        tl.store(buf_ptr + b * stride_bb + (t % K) * stride_bk + cols, x_new, mask=mask)
     if SOFTMAX:
         m, s = _tap_weights_max_sum(w_row_ptr, head_off, mask, stride_wk, K, BLOCK_C)
     acc = tl.zeros([BLOCK_C], tl.float32)
@@ -136,62 +146,16 @@ def _dynamic_conv_step_kernel(
         w = w.to(buf_ptr.dtype.element_ty).to(tl.float32)
         if k == K - 1:
             xv = x_new.to(tl.float32)
-        else:
-            slot = (position + 1 + k) % K
-            xv = tl.load(buf_ptr + b * stride_bb + slot * stride_bk + cols, mask=mask, other=0.0).to(tl.float32)
-        acc += w * xv
-    tl.store(out_ptr + b * stride_ob + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _dynamic_conv_rows_kernel(
-    x_ptr,  # [B, C] this step's input (unit stride along C)
-    hist_ptr,  # [B, L, C] inputs by (cache row, step); column `step` of row b written here
-    w_ptr,  # [B, H, K] logits or normalised taps (stride 0 along a broadcast batch)
-    out_ptr,  # [B, C] out
-    rows_ptr,  # [B, L] int64: the cache row holding step s of row b's prefix (HAS_ROWS; else row b itself)
-    step_ptr,  # [] int64: this step t
-    C,
-    R,
-    stride_xb,
-    stride_hb,
-    stride_ht,
-    stride_wb,
-    stride_wh,
-    stride_wk,
-    stride_ob,
-    stride_rb,
-    K: tl.constexpr,
-    SOFTMAX: tl.constexpr,
-    HAS_ROWS: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    b = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask = cols < C
-    t = tl.load(step_ptr)
-    head_off = (cols // R) * stride_wh
-    w_row_ptr = w_ptr + b * stride_wb
-    x_new = tl.load(x_ptr + b * stride_xb + cols, mask=mask, other=0.0).to(hist_ptr.dtype.element_ty)
-    # Column t is the only one written and no tap k < K - 1 reads it (they read steps < t): no hazard.
-    tl.store(hist_ptr + b * stride_hb + t * stride_ht + cols, x_new, mask=mask)
-    if SOFTMAX:
-        m, s = _tap_weights_max_sum(w_row_ptr, head_off, mask, stride_wk, K, BLOCK_C)
-    acc = tl.zeros([BLOCK_C], tl.float32)
-    for k in tl.static_range(K):
-        w = tl.load(w_row_ptr + head_off + k * stride_wk, mask=mask, other=0.0).to(tl.float32)
-        if SOFTMAX:
-            w = tl.exp(w - m) / s
-        w = w.to(hist_ptr.dtype.element_ty).to(tl.float32)
-        if k == K - 1:
-            xv = x_new.to(tl.float32)
-        else:
+        elif HISTORY:
             step = t - (K - 1 - k)  # steps before the first are zeros, as upstream's truncated first steps
             seen = tl.maximum(step, 0)
             src = tl.load(rows_ptr + b * stride_rb + seen) if HAS_ROWS else b
             in_range = cols < tl.where(step >= 0, C, 0)  # mask & (step >= 0), as a vector comparison
-            xv = tl.load(hist_ptr + src * stride_hb + seen * stride_ht + cols, mask=in_range, other=0.0)
+            xv = tl.load(buf_ptr + src * stride_bb + seen * stride_bk + cols, mask=in_range, other=0.0)
             xv = xv.to(tl.float32)
+        else:
+            slot = (t + 1 + k) % K
+            xv = tl.load(buf_ptr + b * stride_bb + slot * stride_bk + cols, mask=mask, other=0.0).to(tl.float32)
         acc += w * xv
     tl.store(out_ptr + b * stride_ob + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -222,50 +186,44 @@ def _check(x: torch.Tensor, weight: torch.Tensor, padding_l: int) -> tuple[int, 
     return B, T, C, H, K
 
 
-def _check_step(x: torch.Tensor, buffer: torch.Tensor, weight: torch.Tensor, position: int) -> tuple[int, ...]:
+def _check_step_inputs(x, store, weight, name: str, layout: str) -> tuple[int, int, int, int]:
+    """Checks shared by the two step ops: ``x [B, C]``, the step's ``store`` (called ``name``, shaped ``layout``)
+    in x's dtype, ``weight [B|1, H, K]``; returns (B, C, H, K)."""
     utils.check_float("x", x)
     utils.check_float("weight", weight)
-    if x.dim() != 2 or buffer.dim() != 3 or weight.dim() != 3:
+    if x.dim() != 2 or store.dim() != 3 or weight.dim() != 3:
         raise KernelInputError(
-            f"x must be [B, C], buffer [B, K, C], weight [B|1, H, K]; got "
-            f"{list(x.shape)}, {list(buffer.shape)}, {list(weight.shape)}"
+            f"x must be [B, C], {name} {layout}, weight [B|1, H, K]; got "
+            f"{list(x.shape)}, {list(store.shape)}, {list(weight.shape)}"
         )
     B, C = x.shape
     H, K = weight.shape[-2:]
-    if buffer.shape != (B, K, C):
-        raise KernelInputError(f"buffer must be [{B}, {K}, {C}], got {list(buffer.shape)}")
-    if buffer.dtype != x.dtype:
-        raise KernelInputError(f"buffer dtype {buffer.dtype} differs from x's {x.dtype}")
+    if store.dtype != x.dtype:
+        raise KernelInputError(f"{name} dtype {store.dtype} differs from x's {x.dtype}")
     if weight.shape[0] not in (1, B):
         raise KernelInputError(f"weight {list(weight.shape)} does not broadcast to [{B}, H, K]")
     _check_heads(C, H, K)
+    return B, C, H, K
+
+
+def _check_step(x: torch.Tensor, buffer: torch.Tensor, weight: torch.Tensor, position: int) -> tuple[int, ...]:
+    B, C, H, K = _check_step_inputs(x, buffer, weight, "buffer", "[B, K, C]")
+    if buffer.shape != (B, K, C):
+        raise KernelInputError(f"buffer must be [{B}, {K}, {C}], got {list(buffer.shape)}")
     if position < 0:
         raise KernelInputError(f"position must be >= 0, got {position}")
     return B, C, H, K
 
 
 def _check_step_rows(x, history, weight, step, rows) -> tuple[int, ...]:
-    utils.check_float("x", x)
-    utils.check_float("weight", weight)
-    if x.dim() != 2 or history.dim() != 3 or weight.dim() != 3:
-        raise KernelInputError(
-            f"x must be [B, C], history [B, L, C], weight [B|1, H, K]; got "
-            f"{list(x.shape)}, {list(history.shape)}, {list(weight.shape)}"
-        )
-    B, C = x.shape
-    H, K = weight.shape[-2:]
+    B, C, H, K = _check_step_inputs(x, history, weight, "history", "[B, L, C]")
     if history.shape[0] != B or history.shape[2] != C:
         raise KernelInputError(f"history must be [{B}, L, {C}], got {list(history.shape)}")
-    if history.dtype != x.dtype:
-        raise KernelInputError(f"history dtype {history.dtype} differs from x's {x.dtype}")
-    if weight.shape[0] not in (1, B):
-        raise KernelInputError(f"weight {list(weight.shape)} does not broadcast to [{B}, H, K]")
     if step.dim() != 0 or step.dtype not in (torch.int32, torch.int64):
         raise KernelInputError(f"step must be a 0-d integer tensor, got {step.dtype} {list(step.shape)}")
     if rows is not None and (rows.dim() != 2 or rows.shape[0] != B or rows.shape[1] < history.shape[1]
                              or rows.dtype != torch.int64):  # fmt: skip
         raise KernelInputError(f"rows must be int64 [{B}, >= {history.shape[1]}], got {rows.dtype} {list(rows.shape)}")
-    _check_heads(C, H, K)
     return B, C, H, K
 
 
@@ -300,31 +258,37 @@ def dynamic_conv_triton(x: torch.Tensor, weight: torch.Tensor, padding_l: int, s
     return out
 
 
-def dynamic_conv_step_triton(
-    x: torch.Tensor, buffer: torch.Tensor, weight: torch.Tensor, position: int, softmax: bool = False
-) -> torch.Tensor:
-    """One causal step with the Triton kernel: ``x [B, C]`` is written into slot ``position % K`` of ``buffer
-    [B, K, C]`` (in place), then ``[B, C]`` is returned: the taps ``weight [B|1, H, K]`` over the last K inputs."""
-    B, C, H, K = _check_step(x, buffer, weight, position)
-    utils.check_launchable(x, buffer, weight)
+def _launch_step(x, store, weight, dims, softmax, name, position=0, step=None, rows=None) -> torch.Tensor:
+    """The step kernel on the ring buffer (``step`` None) or on the history (``step``, optional ``rows``)."""
+    B, C, H, K = dims
+    utils.check_launchable(*(t for t in (x, store, weight, step, rows) if t is not None))
     if K > MAX_TAPS:
-        raise KernelInputError(f"{K} taps exceed the kernel's {MAX_TAPS}; use dynamic_conv_step_ref")
-    if buffer.stride(-1) != 1:
-        raise KernelInputError("buffer must have unit stride along C (it is written in place)")
+        raise KernelInputError(f"{K} taps exceed the kernel's {MAX_TAPS}; use the reference")
+    if store.stride(-1) != 1:
+        raise KernelInputError(f"{name} must have unit stride along C (it is written in place)")
     x = _channels_unit_stride(x)
     w = weight.expand(B, H, K)
     out = utils.empty((B, C), x.dtype, x.device)
     if B > 0:
         _dynamic_conv_step_kernel[(B, utils.cdiv(C, BLOCK_C))](
-            x, buffer, w, out,
+            x, store, w, out, rows if rows is not None else store, step if step is not None else store,
             C, C // H, position,
-            x.stride(0), buffer.stride(0), buffer.stride(1),
+            x.stride(0), store.stride(0), store.stride(1),
             w.stride(0), w.stride(1), w.stride(2),
-            out.stride(0),
-            K=K, SOFTMAX=softmax, BLOCK_C=BLOCK_C,
+            out.stride(0), rows.stride(0) if rows is not None else 0,
+            K=K, SOFTMAX=softmax, HISTORY=step is not None, HAS_ROWS=rows is not None, BLOCK_C=BLOCK_C,
             num_warps=4,
         )  # fmt: skip
     return out
+
+
+def dynamic_conv_step_triton(
+    x: torch.Tensor, buffer: torch.Tensor, weight: torch.Tensor, position: int, softmax: bool = False
+) -> torch.Tensor:
+    """One causal step with the Triton kernel: ``x [B, C]`` is written into slot ``position % K`` of ``buffer
+    [B, K, C]`` (in place), then ``[B, C]`` is returned: the taps ``weight [B|1, H, K]`` over the last K inputs."""
+    dims = _check_step(x, buffer, weight, position)
+    return _launch_step(x, buffer, weight, dims, softmax, "buffer", position=position)
 
 
 def dynamic_conv_step_rows_triton(
@@ -336,26 +300,8 @@ def dynamic_conv_step_rows_triton(
     softmax: bool = False,
 ) -> torch.Tensor:
     """:func:`dynamic_conv_step_rows` with the Triton kernel."""
-    B, C, H, K = _check_step_rows(x, history, weight, step, rows)
-    utils.check_launchable(*(t for t in (x, history, weight, step, rows) if t is not None))
-    if K > MAX_TAPS:
-        raise KernelInputError(f"{K} taps exceed the kernel's {MAX_TAPS}; use dynamic_conv_step_rows_ref")
-    if history.stride(-1) != 1:
-        raise KernelInputError("history must have unit stride along C (it is written in place)")
-    x = _channels_unit_stride(x)
-    w = weight.expand(B, H, K)
-    out = utils.empty((B, C), x.dtype, x.device)
-    if B > 0:
-        _dynamic_conv_rows_kernel[(B, utils.cdiv(C, BLOCK_C))](
-            x, history, w, out, rows if rows is not None else step, step,
-            C, C // H,
-            x.stride(0), history.stride(0), history.stride(1),
-            w.stride(0), w.stride(1), w.stride(2),
-            out.stride(0), rows.stride(0) if rows is not None else 0,
-            K=K, SOFTMAX=softmax, HAS_ROWS=rows is not None, BLOCK_C=BLOCK_C,
-            num_warps=4,
-        )  # fmt: skip
-    return out
+    dims = _check_step_rows(x, history, weight, step, rows)
+    return _launch_step(x, history, weight, dims, softmax, "history", step=step, rows=rows)
 
 
 # ----------------------------------------------------------------------------------------------------------
