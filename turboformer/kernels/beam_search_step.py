@@ -192,17 +192,19 @@ def _row_candidates_kernel(
 
 
 @triton.jit
-def _reorder_rows(ptr, stride, dst_row, src_row, j_ok, cols, patch_col, patch_value, BLOCK_T: tl.constexpr):
-    """Row ``dst_row[j]`` of ``ptr`` becomes row ``src_row[j]`` (rows of the same sentence, so in place: all
-    loads of a column block, a CTA barrier, then its stores), with column ``patch_col`` set to ``patch_value[j]``
-    (no column when patch_col < 0)."""
+def _copy_rows(src_ptr, src_stride, src_row, dst_ptr, dst_stride, dst_row, row_ok, cols, patch_col, patch_value,
+               BLOCK_T: tl.constexpr):  # fmt: skip
+    """Row ``dst_row[j]`` of ``dst_ptr`` becomes row ``src_row[j]`` of ``src_ptr`` (columns ``[0, cols)``, rows
+    where ``row_ok``), with column ``patch_col`` set to ``patch_value[j]`` (no column when patch_col < 0). In place
+    when both are one tensor and the rows are the same sentence's: each column block is loaded whole, then a CTA
+    barrier, then stored."""
     for start in range(0, cols, BLOCK_T):
         t = start + tl.arange(0, BLOCK_T)
-        mask = j_ok[:, None] & (t < cols)[None, :]
-        old = tl.load(ptr + src_row[:, None] * stride + t[None, :], mask=mask)
+        mask = row_ok[:, None] & (t < cols)[None, :]
+        old = tl.load(src_ptr + src_row[:, None] * src_stride + t[None, :], mask=mask)
         tl.debug_barrier()
         new = tl.where(t[None, :] == patch_col, patch_value[:, None].to(old.dtype), old)
-        tl.store(ptr + dst_row[:, None] * stride + t[None, :], new, mask=mask)
+        tl.store(dst_ptr + dst_row[:, None] * dst_stride + t[None, :], new, mask=mask)
         tl.debug_barrier()
 
 
@@ -288,15 +290,12 @@ def _beam_select_kernel(
     rank = tl.cumsum(finishing.to(tl.int32), axis=0)  # 1, 2, ... along the finishing candidates
     accept = finishing & (n_fin + rank <= K)
     fin_row = b * (K + 1) + n_fin + rank - 1
-    for start in range(0, T1, BLOCK_T):  # all reads of the old histories happen before the reorder below
-        t = start + tl.arange(0, BLOCK_T)
-        mask = accept[:, None] & (t < T1)[None, :]
-        old_tokens = tl.load(tokens_ptr + cand_row[:, None] * stride_tokens + 1 + t[None, :], mask=mask)
-        old_scores = tl.load(scores_ptr + cand_row[:, None] * stride_scores + t[None, :], mask=mask)
-        tl.store(fin_tokens_ptr + fin_row[:, None] * stride_fin_tokens + t[None, :],
-                 tl.where(t[None, :] == step, EOS, old_tokens), mask=mask)  # fmt: skip
-        tl.store(fin_scores_ptr + fin_row[:, None] * stride_fin_scores + t[None, :],
-                 tl.where(t[None, :] == step, cand_score[:, None], old_scores), mask=mask)  # fmt: skip
+    # the finished hypotheses' histories (generated ids: tokens from column 1), read before the reorder below
+    eos_ids = tl.full([BLOCK_TOPK], EOS, tl.int64)
+    _copy_rows(tokens_ptr + 1, stride_tokens, cand_row, fin_tokens_ptr, stride_fin_tokens, fin_row, accept, T1,
+               step, eos_ids, BLOCK_T)  # fmt: skip
+    _copy_rows(scores_ptr, stride_scores, cand_row, fin_scores_ptr, stride_fin_scores, fin_row, accept, T1,
+               step, cand_score, BLOCK_T)  # fmt: skip
     tl.store(fin_step_ptr + fin_row, step + tl.zeros_like(fin_row).to(tl.int64), mask=accept)
 
     # continue with the first K candidates that do not end (</s> ones rank after all others)
@@ -308,10 +307,13 @@ def _beam_select_kernel(
     new_symbol = tl.sum(tl.where(chosen, cand_symbol[None, :], 0), axis=1).to(tl.int64)
     new_score = tl.sum(tl.where(chosen, cand_score[None, :], 0.0), axis=1)
     tl.debug_barrier()
-    _reorder_rows(tokens_ptr, stride_tokens, rows, src_row, j_ok, T1 + 1, step + 1, new_symbol, BLOCK_T)
-    _reorder_rows(scores_ptr, stride_scores, rows, src_row, j_ok, T1, step, new_score, BLOCK_T)
+    _copy_rows(tokens_ptr, stride_tokens, src_row, tokens_ptr, stride_tokens, rows, j_ok, T1 + 1, step + 1,
+               new_symbol, BLOCK_T)  # fmt: skip
+    _copy_rows(scores_ptr, stride_scores, src_row, scores_ptr, stride_scores, rows, j_ok, T1, step, new_score,
+               BLOCK_T)  # fmt: skip
     if HAS_TABLE:
-        _reorder_rows(table_ptr, stride_table, rows, src_row, j_ok, table_cols, -1, src_row, BLOCK_T)
+        _copy_rows(table_ptr, stride_table, src_row, table_ptr, stride_table, rows, j_ok, table_cols, -1, src_row,
+                   BLOCK_T)  # fmt: skip
     tl.store(prev_ptr + rows, new_score, mask=j_ok)
     tl.store(next_ptr + rows, new_symbol, mask=j_ok)
     tl.store(reorder_ptr + rows, src_row.to(tl.int64), mask=j_ok)

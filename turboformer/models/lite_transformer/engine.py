@@ -18,9 +18,9 @@ One replayed step (N = sentences x beam rows; shapes for the WMT En-De size: C =
       x = LayerNorm(x + fc2(act(fc1(x))))
     each "x = LayerNorm(x + delta)" runs in the prologue of the next sublayer's first GEMM (in_proj, cross_q,
     fc1 + ReLU: kernels/norm_linear.py), which also stores the new x; INT8 weights run it as add_layer_norm
-    BeamSearchState.advance_logits(x @ E^T, fp32 from the GEMM's accumulator): log_softmax in fp32, masks, top 2k, finished hypotheses, and the
-    self-K/V row table reordered by the chosen beams (the caches stay: each key stays in the row that computed
-    it), in two kernels (kernels/beam_search_step.py)
+    BeamSearchState.advance_logits(x @ E^T, fp32 from the GEMM's accumulator): log_softmax in fp32, masks,
+    top 2k, finished hypotheses, and the row table reordered by the chosen beams (the caches stay: each key and
+    convolution input stays in the row that computed it), in two kernels (kernels/beam_search_step.py)
 
 Static decoding state (per graph key ``(beam, sentence bucket, source capacity, target capacity)``):
 
@@ -313,7 +313,7 @@ class LiteTransformerEngine:
         the GEMM's prologue (``norm_linear``) for fp16/bf16 weights; INT8 weights run it unfused. Returns
         (the linear's output, after ReLU when ``relu``; the residual stream)."""
         delta, norm = pending
-        if not linear.int8 and linear.in_features <= MAX_FEATURES and (delta is None or norm is not None):
+        if self._fused(linear) and (delta is None or norm is not None):
             ln, eps = (None, 1e-5) if norm is None else (norm[:2], norm[2])
             keep = "sum" if self.pre_norm else "norm"
             return norm_linear(x, linear.weight, linear.bias, delta=delta, ln=ln, eps=eps, keep=keep, relu=relu)
@@ -322,12 +322,14 @@ class LiteTransformerEngine:
         return (F.relu(y) if relu else y), x
 
     @staticmethod
-    def _linear(linear: PackedLinear, x: Tensor) -> Tensor:
+    def _fused(linear: PackedLinear) -> bool:
+        """Whether ``linear`` runs through norm_linear: fp16/bf16 weights of at most its ``MAX_FEATURES`` inputs."""
+        return not linear.int8 and linear.in_features <= MAX_FEATURES
+
+    def _linear(self, linear: PackedLinear, x: Tensor) -> Tensor:
         """``x @ W^T + b``: the norm_linear kernel without its prologue for fp16/bf16 weights (at 64 rows of 496
         features on an H200 ~2.7 us against cuBLAS's ~4.2), the packed layer (cuBLAS, INT8) otherwise."""
-        if not linear.int8 and linear.in_features <= MAX_FEATURES:
-            return norm_linear(x, linear.weight, linear.bias)[0]
-        return linear(x)
+        return norm_linear(x, linear.weight, linear.bias)[0] if self._fused(linear) else linear(x)
 
     def _pending(self, delta: Tensor, norm: tuple, next_norm: tuple | None) -> tuple:
         """What a sublayer with output ``delta`` leaves to the next: post-norm adds and normalises with the
@@ -338,6 +340,7 @@ class LiteTransformerEngine:
         """The LSRA sublayer: (its output, the residual stream)."""
         N = x.shape[0]
         u, x = self._first_linear(x, pending, layer.in_proj)  # [N, sum of branch in-projections]
+        rows = slot.kv_rows if slot.beam > 1 else None  # beams read their prefix's keys and inputs where they are
         outs = []
         for branch in layer.branches:
             d = branch.dim
@@ -347,7 +350,6 @@ class LiteTransformerEngine:
                 q, k, v = (t.view(N, H, D) for t in qkv.split(d, dim=1))
                 cache = slot.self_kv[branch.group][branch.index]  # [2, N, H, L, D]
                 kv_cache_write(k, v, cache[0], cache[1], slot.positions)
-                rows = slot.kv_rows if slot.beam > 1 else None  # beams read their prefix's keys where they are
                 a = decode_attention(q, cache[0], cache[1], slot.self_lengths, D**-0.5, rows=rows)  # [N, H, D]
                 outs.append(a.reshape(N, d))
             else:
@@ -361,7 +363,6 @@ class LiteTransformerEngine:
                 else:
                     logits = branch.fixed_logits
                 history = slot.conv_history[branch.index, :, :, :d]  # [N, L, d]: column `step` written here
-                rows = slot.kv_rows if slot.beam > 1 else None  # beams read their prefix's inputs where they are
                 outs.append(dynamic_conv_step_rows(c, history, logits, slot.state.step, rows, branch.softmax))
         return self._linear(layer.out_proj, torch.cat(outs, dim=-1)), x
 
@@ -387,12 +388,12 @@ class LiteTransformerEngine:
             x = x + self.position_table.index_select(0, state.step.view(1) + (self.padding_idx + 1))
         # each sublayer leaves its residual add + LayerNorm pending: the next sublayer's first linear does it
         pending = (None, self.layers[0].lsra_norm if self.pre_norm else None)
+        relu = self.activation is F.relu  # fused into fc1's epilogue
         for i, layer in enumerate(self.layers):
             delta, x = self._lsra(slot, i, layer, x, pending)
             pending = self._pending(delta, layer.lsra_norm, layer.cross_norm)
             delta, x = self._cross(slot, i, layer, x, pending)
             pending = self._pending(delta, layer.cross_norm, layer.ffn_norm)
-            relu = self.activation is F.relu
             f, x = self._first_linear(x, pending, layer.fc1, relu=relu)
             delta = self._linear(layer.fc2, f if relu else self.activation(f))
             following = self.layers[i + 1].lsra_norm if i + 1 < len(self.layers) else self.final_norm
