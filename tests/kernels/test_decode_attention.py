@@ -174,6 +174,65 @@ def test_rows_gather_keys_from_other_cache_rows(num_splits, dtype):
     torch.testing.assert_close(via_rows, plain, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("with_rows", [False, True])
+def test_new_kv_is_stored_and_attended(with_rows, num_splits, dtype):
+    """``new_kv``: this step's key/value are stored at column lengths[b] - 1 of row b (and nowhere else) and
+    attended, as kv_cache_write followed by the attention; against fp64 SDPA on the cache with the new column
+    written. ``out``: the result lands in a strided view (a branch's columns of a wider buffer), nothing else
+    changes."""
+    g = torch.Generator().manual_seed(5)
+    b, h, s, d = 5, 2, 70, 32
+    q = torch.randn(b, h, d, generator=g).to(DEVICE, dtype)
+    k, v = (torch.randn(b, h, s + 6, d, generator=g).to(DEVICE, dtype)[:, :, :s] for _ in range(2))
+    qkv = torch.randn(b, 3 * h * d, generator=g).to(DEVICE, dtype)  # a fused projection's output row
+    k_new, v_new = (qkv[:, i * h * d : (i + 1) * h * d].view(b, h, d) for i in (1, 2))
+    lengths = torch.tensor([70, 1, 33, 64, 65], dtype=torch.int64, device=DEVICE)
+    rows = None
+    if with_rows:  # other rows' keys, but each row's newest column is its own (as the engine's table)
+        rows = torch.randint(0, b, (b, s), generator=g).to(DEVICE)
+        rows[torch.arange(b), lengths - 1] = torch.arange(b, device=DEVICE)
+    want_k, want_v = k.clone(), v.clone()
+    want_k[torch.arange(b), :, lengths - 1] = k_new
+    want_v[torch.arange(b), :, lengths - 1] = v_new
+    kg, vg = want_k, want_v
+    if with_rows:
+        index = rows[:, None, :, None].expand(b, h, s, d)
+        kg, vg = want_k.gather(0, index), want_v.gather(0, index)
+    gold = sdpa(q.double(), kg.double(), vg.double(), lengths, None)
+    launches = ((decode_attention_triton, {"num_splits": num_splits, "block_s": 16}), (decode_attention_ref, {}))
+    for fn, options in launches:
+        kc, vc = k.clone(), v.clone()
+        wide = torch.zeros(b, 3 * h * d, device=DEVICE, dtype=dtype)
+        out = wide[:, h * d : 2 * h * d].view(b, h, d)
+        with poison_buffers():
+            got = fn(q, kc, vc, lengths, rows=rows, new_kv=(k_new, v_new), out=out, **options)
+        assert got.data_ptr() == out.data_ptr()
+        assert_close_to_gold(out, gold, sdpa(q, kg, vg, lengths, None))
+        assert torch.equal(kc, want_k) and torch.equal(vc, want_v)  # the new column, nothing else
+        assert not wide[:, : h * d].any() and not wide[:, 2 * h * d :].any()
+
+
+def test_new_kv_and_out_errors():
+    q = make_query(2, 2, 32, torch.float16)
+    k, v = make_cache(2, 2, 40, 32, torch.float16, "contiguous")
+    lengths = torch.tensor([3, 40], device=DEVICE)
+    cases = [
+        ({"new_kv": (q, q[:1])}, "new_kv must be"),
+        ({"new_kv": (q, q), "prefetch": "all_but_last"}, "prefetch='none'"),
+        ({"out": torch.empty(2, 2, 31, dtype=torch.float16, device=DEVICE)}, "out must be"),
+        ({"out": torch.empty(2, 2, 32, device=DEVICE)}, "out must be"),
+        ({"out": torch.empty(2, 2, 64, dtype=torch.float16, device=DEVICE)[..., ::2]}, "unit stride"),
+    ]
+    for kwargs, message in cases:
+        for fn in (decode_attention_triton, decode_attention_ref):
+            with pytest.raises(KernelInputError, match=message):
+                fn(q, k, v, lengths, **kwargs)
+    with pytest.raises(KernelInputError, match="needs lengths"):
+        decode_attention_triton(q, k, v, None, new_kv=(q, q))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_quantize_kv(dtype):
     x = (torch.randn(2, 3, 50, 16, device=DEVICE) * torch.rand(1, 1, 1, 16, device=DEVICE) * 4).to(dtype)

@@ -40,6 +40,7 @@ import math
 import torch
 
 from turboformer.kernels import utils
+from turboformer.kernels.kv_cache_write import kv_cache_write_ref
 from turboformer.kernels.utils import KernelInputError, tl, triton
 
 LOG2E = 1.4426950408889634  # softmax in base 2: exp(x) = exp2(x * log2(e)), one MUFU.EX2 per element
@@ -114,6 +115,8 @@ def _split_kernel(
     acc_ptr,  # [B * H, num_splits, D] fp32 out: unnormalised output relative to m
     counter_ptr,  # [>= B * H] int32, zero between launches (read only when COUNTED)
     out_ptr,  # [B, H, D] out (written when WRITE_OUT or COUNTED)
+    k_new_ptr,  # [B, H, D] this step's key (NEW_KV): stored at column lengths[b] - 1 of row b, attended from here
+    v_new_ptr,  # [B, H, D] this step's value (NEW_KV)
     H,
     S,
     D,
@@ -127,11 +130,14 @@ def _split_kernel(
     stride_vsb, stride_vsh, stride_vsd,
     stride_ob, stride_oh, stride_od,
     stride_rb,
+    stride_knb, stride_knh, stride_knd,
+    stride_vnb, stride_vnh, stride_vnd,
     WRITE_OUT: tl.constexpr,  # one split: normalise and write `out`, no workspace
     ROWS: tl.constexpr,  # keys gathered through rows_ptr (beams that share a prefix, no cache reorder)
     COUNTED: tl.constexpr,  # several splits: the last one of a row to finish merges them (no merge launch)
     HAS_LENGTHS: tl.constexpr,
     INT8: tl.constexpr,
+    NEW_KV: tl.constexpr,  # the newest key/value come from k_new/v_new (no separate cache write launch)
     PDL: tl.constexpr,
     PREFETCH: tl.constexpr,  # 0 none, 1 all, 2 all but the last key (PREFETCH): what may load before the wait
     BLOCK_S: tl.constexpr,
@@ -181,6 +187,14 @@ def _split_kernel(
                          mask=fresh_mask, other=0.0, cache_modifier=".cg")  # fmt: skip
         k0 = tl.where((keys0 == last)[:, None], k_last[None, :], k0)
         v0 = tl.where((keys0 == last)[:, None], v_last[None, :], v0)
+    if NEW_KV:  # the newest key/value (column length - 1) come from the projection, in the cache's dtype: the
+        # tile that holds the column takes them from registers; the split that owns it stores them at the end
+        new_at = length - 1
+        own = d < tl.where((new_at >= start) & (new_at < start + split_size), D, 0)  # d < D in the owning split
+        k_new = tl.load(k_new_ptr + b * stride_knb + h * stride_knh + d * stride_knd, mask=own, other=0.0)
+        v_new = tl.load(v_new_ptr + b * stride_vnb + h * stride_vnh + d * stride_vnd, mask=own, other=0.0)
+        k_new = k_new.to(k_ptr.dtype.element_ty)
+        v_new = v_new.to(v_ptr.dtype.element_ty)
 
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + d * stride_qd, mask=d_mask, other=0.0).to(tl.float32)
     if INT8:
@@ -207,6 +221,9 @@ def _split_kernel(
         v_at = v_row + _key_offsets(rows_ptr, b, s, s_mask, stride_rb, stride_vb, stride_vs, ROWS)
         k = tl.load(k_at, mask=tile_mask, other=0.0).to(tl.float32)  # [BLOCK_S, BLOCK_D]
         v = tl.load(v_at, mask=tile_mask, other=0.0).to(tl.float32)
+        if NEW_KV:
+            k = tl.where((s == new_at)[:, None], k_new[None, :].to(tl.float32), k)
+            v = tl.where((s == new_at)[:, None], v_new[None, :].to(tl.float32), v)
         m_j, l_j, acc_j = _attend_tile(q, k, v, s_mask, m_j, l_j, acc_j)
     # Merge the slots. A split past the sequence's length attended no key: it stores (-inf, 0, 0).
     m_i = tl.max(m_j, axis=0)
@@ -215,6 +232,11 @@ def _split_kernel(
     acc = tl.sum(w[:, None] * acc_j, axis=0)  # [BLOCK_D]
     if INT8:
         acc = acc * tl.load(v_scale_ptr + b * stride_vsb + h * stride_vsh + d * stride_vsd, mask=d_mask, other=0.0)
+
+    if NEW_KV:  # after every load of this launch: no program reads the column while it is written
+        new_col = new_at.to(tl.int64)
+        tl.store(k_ptr + b * stride_kb + h * stride_kh + new_col * stride_ks + d * stride_kd, k_new, mask=own)
+        tl.store(v_ptr + b * stride_vb + h * stride_vh + new_col * stride_vs + d * stride_vd, v_new, mask=own)
 
     out_at = out_ptr + b * stride_ob + h * stride_oh + d * stride_od
     if WRITE_OUT:
@@ -289,8 +311,14 @@ def _check(q, k, v, lengths, k_scale, v_scale) -> None:
             raise KernelInputError(f"lengths must be int32/int64 of shape [{b}], got {got}")
 
 
-def _check_launch(q, k, lengths, prefetch: str, counters: torch.Tensor | None, rows: torch.Tensor | None) -> None:
+def _check_launch(q, k, lengths, prefetch: str, counters: torch.Tensor | None, rows: torch.Tensor | None,
+                  new_kv: tuple | None = None) -> None:  # fmt: skip
     """The options of :func:`decode_attention` beyond the attention's inputs."""
+    if new_kv is not None:
+        if len(new_kv) != 2 or any(t.shape != q.shape or not t.dtype.is_floating_point for t in new_kv):
+            raise KernelInputError(f"new_kv must be (k, v), each a float [B, H, D] = {list(q.shape)} tensor")
+        if lengths is None or prefetch != "none" or k.dtype == torch.int8:
+            raise KernelInputError("new_kv (the newest key at lengths - 1) needs lengths, prefetch='none', float k/v")
     if prefetch not in PREFETCH:
         raise KernelInputError(f"prefetch must be one of {sorted(PREFETCH)}, got {prefetch!r}")
     if rows is not None:
@@ -370,6 +398,8 @@ def decode_attention_triton(
     prefetch: str = "none",
     counters: torch.Tensor | None = None,
     rows: torch.Tensor | None = None,
+    new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    out: torch.Tensor | None = None,
     block_s: int | None = None,
     num_splits: int | None = None,
     num_warps: int | None = None,
@@ -380,8 +410,8 @@ def decode_attention_triton(
     ``num_warps`` override the shape-based defaults, for tests and tuning.
     """
     _check(q, k, v, lengths, k_scale, v_scale)
-    _check_launch(q, k, lengths, prefetch, counters, rows)
-    utils.check_launchable(*(t for t in (q, k, v, lengths, k_scale, v_scale, rows) if t is not None))
+    _check_launch(q, k, lengths, prefetch, counters, rows, new_kv)
+    utils.check_launchable(*(t for t in (q, k, v, lengths, k_scale, v_scale, rows, *(new_kv or ())) if t is not None))
     if block_s is not None and (block_s < 16 or block_s & (block_s - 1)):
         raise KernelInputError(f"block_s must be a power of two >= 16, got {block_s}")
     batch, heads, seq, dim = k.shape
@@ -392,7 +422,7 @@ def decode_attention_triton(
     )
     num_warps = planned_warps if num_warps is None else num_warps
 
-    out = utils.empty((batch, heads, dim), q.dtype, q.device)
+    out = utils.output(out, (batch, heads, dim), q.dtype, q.device)
     if splits == 1:  # no workspace: the split kernel normalises and writes `out` itself
         m = l = acc = out
     else:
@@ -404,16 +434,17 @@ def decode_attention_triton(
     ks = k_scale if int8 else q  # placeholders: never read unless INT8 / HAS_LENGTHS / COUNTED
     vs = v_scale if int8 else q
     counted = splits > 1 and counters is not None
+    k_new, v_new = new_kv if new_kv is not None else (q, q)
     _split_kernel[(batch * heads, splits)](
         q, k, v, ks, vs, lengths if lengths is not None else q, rows if rows is not None else q,
-        m, l, acc, counters if counted else q, out,
+        m, l, acc, counters if counted else q, out, k_new, v_new,
         heads, seq, dim, splits, split_size, scale * LOG2E,
         *q.stride(), *k.stride(), *v.stride(),
         *(ks.stride(0), ks.stride(1), ks.stride(-1)),
         *(vs.stride(0), vs.stride(1), vs.stride(-1)),
-        *out.stride(), rows.stride(0) if rows is not None else 0,
+        *out.stride(), rows.stride(0) if rows is not None else 0, *k_new.stride(), *v_new.stride(),
         WRITE_OUT=splits == 1, ROWS=rows is not None, COUNTED=counted, HAS_LENGTHS=lengths is not None,
-        INT8=int8, PDL=pdl, PREFETCH=PREFETCH[prefetch], BLOCK_S=block_s, BLOCK_D=block_d,
+        INT8=int8, NEW_KV=new_kv is not None, PDL=pdl, PREFETCH=PREFETCH[prefetch], BLOCK_S=block_s, BLOCK_D=block_d,
         BLOCK_SPLITS=utils.next_power_of_2(splits), num_warps=num_warps, **launch,
     )  # fmt: skip
     if splits > 1 and not counted:
@@ -436,12 +467,17 @@ def decode_attention_ref(
     prefetch: str = "none",
     counters: torch.Tensor | None = None,
     rows: torch.Tensor | None = None,
+    new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """PyTorch reference in fp32: gather the keys' cache rows (``rows``), dequantise, masked softmax over the
-    keys ``s < lengths[b]``, weighted sum. ``prefetch`` and ``counters`` (launch options) are checked only."""
+    """PyTorch reference in fp32: store ``new_kv`` (:func:`.kv_cache_write`), gather the keys' cache rows
+    (``rows``), dequantise, masked softmax over the keys ``s < lengths[b]``, weighted sum. ``prefetch`` and
+    ``counters`` (launch options) are checked only."""
     _check(q, k, v, lengths, k_scale, v_scale)
-    _check_launch(q, k, lengths, prefetch, counters, rows)
+    _check_launch(q, k, lengths, prefetch, counters, rows, new_kv)
     batch, heads, seq, dim = k.shape
+    if new_kv is not None:
+        kv_cache_write_ref(new_kv[0], new_kv[1], k, v, lengths.long().clamp(1, seq) - 1)
     scale = dim**-0.5 if scale is None else scale
     if rows is not None:  # k[b, h, s] <- k[rows[b, s], h, s]
         index = rows[:, None, :seq, None].long().expand(batch, heads, seq, dim)
@@ -454,7 +490,8 @@ def decode_attention_ref(
         keep = torch.arange(seq, device=q.device) < lengths[:, None]  # [B, S]
         scores = scores.masked_fill(~keep[:, None, :], -math.inf)
     probs = torch.softmax(scores, dim=-1)
-    return torch.einsum("bhs,bhsd->bhd", probs, vf).to(q.dtype)
+    result = torch.einsum("bhs,bhsd->bhd", probs, vf).to(q.dtype)
+    return result if out is None else utils.output(out, (batch, heads, dim), q.dtype, q.device).copy_(result)
 
 
 def decode_attention(
@@ -469,6 +506,8 @@ def decode_attention(
     prefetch: str = "none",
     counters: torch.Tensor | None = None,
     rows: torch.Tensor | None = None,
+    new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one query per (sequence, head) over a key/value cache.
 
@@ -490,11 +529,17 @@ def decode_attention(
         rows: ``[B, >= S]`` int32/int64: key s of sequence b is read from cache row ``rows[b, s]`` (the same
             column s). Beam search keeps a table instead of reordering the cache: each beam's keys stay in
             the row of the beam that computed them. None: row b.
+        new_kv: ``(k, v)``, each ``[B, H, D]``: this step's key and value, stored in place at column
+            ``lengths[b] - 1`` of row b (``lengths[b] >= 1``) and attended, instead of a separate
+            :func:`.kv_cache_write` launch before the attention (float k/v, ``prefetch="none"``).
+        out: an optional ``[B, H, D]`` destination in q's dtype (any strides with unit stride along D, e.g. a
+            branch's columns of a wider buffer).
 
     Returns:
-        ``[B, H, D]`` in q's dtype. Triton on CUDA, the PyTorch reference otherwise.
+        ``[B, H, D]`` in q's dtype (``out`` when given). Triton on CUDA, the PyTorch reference otherwise.
     """
-    options = dict(k_scale=k_scale, v_scale=v_scale, prefetch=prefetch, counters=counters, rows=rows)
+    options = dict(k_scale=k_scale, v_scale=v_scale, prefetch=prefetch, counters=counters, rows=rows,
+                   new_kv=new_kv, out=out)  # fmt: skip
     if utils.use_triton(q):
         return decode_attention_triton(q, k, v, lengths, scale, **options)
     return decode_attention_ref(q, k, v, lengths, scale, **options)

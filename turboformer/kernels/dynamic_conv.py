@@ -99,6 +99,40 @@ def _dynamic_conv_kernel(
 
 
 @triton.jit
+def _step_taps_sum(
+    x_new,  # [BLOCK_C] this step's input (tap K - 1), in the buffer's dtype
+    buf_ptr, w_row_ptr, rows_ptr, b, t, C, cols, mask, head_off,
+    stride_bb, stride_bk, stride_wk, stride_rb,
+    K: tl.constexpr, SOFTMAX: tl.constexpr, HISTORY: tl.constexpr, HAS_ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """One causal step's output channels (fp32): sum over the K taps of the (softmax-normalised, rounded to the
+    buffer's dtype) kernel times the input of step t - K + 1 + k: from the ring buffer's slot (t + 1 + k) % K, or
+    (HISTORY) from column t - K + 1 + k of the cache row ``rows[b, that step]`` (zeros before step 0)."""
+    if SOFTMAX:
+        m, s = _tap_weights_max_sum(w_row_ptr, head_off, mask, stride_wk, K, BLOCK_C)
+    acc = tl.zeros([BLOCK_C], tl.float32)
+    for k in tl.static_range(K):
+        w = tl.load(w_row_ptr + head_off + k * stride_wk, mask=mask, other=0.0).to(tl.float32)
+        if SOFTMAX:
+            w = tl.exp(w - m) / s
+        w = w.to(buf_ptr.dtype.element_ty).to(tl.float32)
+        if k == K - 1:
+            xv = x_new.to(tl.float32)
+        elif HISTORY:
+            step = t - (K - 1 - k)  # steps before the first are zeros, as upstream's truncated first steps
+            seen = tl.maximum(step, 0)
+            src = tl.load(rows_ptr + b * stride_rb + seen) if HAS_ROWS else b
+            in_range = cols < tl.where(step >= 0, C, 0)  # mask & (step >= 0), as a vector comparison
+            xv = tl.load(buf_ptr + src * stride_bb + seen * stride_bk + cols, mask=in_range, other=0.0)
+            xv = xv.to(tl.float32)
+        else:
+            slot = (t + 1 + k) % K
+            xv = tl.load(buf_ptr + b * stride_bb + slot * stride_bk + cols, mask=mask, other=0.0).to(tl.float32)
+        acc += w * xv
+    return acc
+
+
+@triton.jit
 def _dynamic_conv_step_kernel(
     x_ptr,  # [B, C] this step's input (unit stride along C)
     buf_ptr,  # [B, K, C] ring buffer, slot position % K written here; HISTORY: [B, L, C], column step written
@@ -136,27 +170,8 @@ def _dynamic_conv_step_kernel(
     else:
         t = position
         tl.store(buf_ptr + b * stride_bb + (t % K) * stride_bk + cols, x_new, mask=mask)
-    if SOFTMAX:
-        m, s = _tap_weights_max_sum(w_row_ptr, head_off, mask, stride_wk, K, BLOCK_C)
-    acc = tl.zeros([BLOCK_C], tl.float32)
-    for k in tl.static_range(K):
-        w = tl.load(w_row_ptr + head_off + k * stride_wk, mask=mask, other=0.0).to(tl.float32)
-        if SOFTMAX:
-            w = tl.exp(w - m) / s
-        w = w.to(buf_ptr.dtype.element_ty).to(tl.float32)
-        if k == K - 1:
-            xv = x_new.to(tl.float32)
-        elif HISTORY:
-            step = t - (K - 1 - k)  # steps before the first are zeros, as upstream's truncated first steps
-            seen = tl.maximum(step, 0)
-            src = tl.load(rows_ptr + b * stride_rb + seen) if HAS_ROWS else b
-            in_range = cols < tl.where(step >= 0, C, 0)  # mask & (step >= 0), as a vector comparison
-            xv = tl.load(buf_ptr + src * stride_bb + seen * stride_bk + cols, mask=in_range, other=0.0)
-            xv = xv.to(tl.float32)
-        else:
-            slot = (t + 1 + k) % K
-            xv = tl.load(buf_ptr + b * stride_bb + slot * stride_bk + cols, mask=mask, other=0.0).to(tl.float32)
-        acc += w * xv
+    acc = _step_taps_sum(x_new, buf_ptr, w_row_ptr, rows_ptr, b, t, C, cols, mask, head_off, stride_bb,
+                         stride_bk, stride_wk, stride_rb, K, SOFTMAX, HISTORY, HAS_ROWS, BLOCK_C)  # fmt: skip
     tl.store(out_ptr + b * stride_ob + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -258,7 +273,7 @@ def dynamic_conv_triton(x: torch.Tensor, weight: torch.Tensor, padding_l: int, s
     return out
 
 
-def _launch_step(x, store, weight, dims, softmax, name, position=0, step=None, rows=None) -> torch.Tensor:
+def _launch_step(x, store, weight, dims, softmax, name, position=0, step=None, rows=None, out=None) -> torch.Tensor:
     """The step kernel on the ring buffer (``step`` None) or on the history (``step``, optional ``rows``)."""
     B, C, H, K = dims
     utils.check_launchable(*(t for t in (x, store, weight, step, rows) if t is not None))
@@ -268,7 +283,7 @@ def _launch_step(x, store, weight, dims, softmax, name, position=0, step=None, r
         raise KernelInputError(f"{name} must have unit stride along C (it is written in place)")
     x = _channels_unit_stride(x)
     w = weight.expand(B, H, K)
-    out = utils.empty((B, C), x.dtype, x.device)
+    out = utils.output(out, (B, C), x.dtype, x.device)
     if B > 0:
         _dynamic_conv_step_kernel[(B, utils.cdiv(C, BLOCK_C))](
             x, store, w, out, rows if rows is not None else store, step if step is not None else store,
@@ -298,10 +313,11 @@ def dynamic_conv_step_rows_triton(
     step: torch.Tensor,
     rows: torch.Tensor | None = None,
     softmax: bool = False,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`dynamic_conv_step_rows` with the Triton kernel."""
     dims = _check_step_rows(x, history, weight, step, rows)
-    return _launch_step(x, history, weight, dims, softmax, "history", step=step, rows=rows)
+    return _launch_step(x, history, weight, dims, softmax, "history", step=step, rows=rows, out=out)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -341,6 +357,7 @@ def dynamic_conv_step_rows_ref(
     step: torch.Tensor,
     rows: torch.Tensor | None = None,
     softmax: bool = False,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """PyTorch reference of :func:`dynamic_conv_step_rows` (device ops only, no host sync): write column ``step``,
     gather each row's last K inputs through ``rows``, one matmul per (b, h)."""
@@ -353,7 +370,8 @@ def dynamic_conv_step_rows_ref(
     window = window * (steps >= 0).to(x.dtype)[None, :, None]
     window = window.view(B, K, H, C // H).permute(0, 2, 3, 1)  # [B, H, R, K]
     taps = _taps(weight, softmax, x.dtype).expand(B, H, K)
-    return (window @ taps.unsqueeze(-1)).reshape(B, C)
+    result = (window @ taps.unsqueeze(-1)).reshape(B, C)
+    return result if out is None else utils.output(out, (B, C), x.dtype, x.device).copy_(result)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -389,13 +407,15 @@ def dynamic_conv_step_rows(
     step: torch.Tensor,
     rows: torch.Tensor | None = None,
     softmax: bool = False,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One causal decoding step over an input history shared by beams: ``x [B, C]`` is written into column
     ``step`` (a 0-d device tensor) of ``history [B, L, C]`` (in place); the output ``[B, C]`` is ``x`` and the
     inputs of steps ``step - K + 1 .. step - 1`` of row b's prefix, ``history[rows[b, s], s]`` (zeros before step
     0; without ``rows`` row b's own history), convolved with ``weight [B|1, H, K]``. With ``rows`` the beam
-    search's self-attention row table, beams never copy their convolution windows. Triton on CUDA, the reference
-    otherwise."""
+    search's self-attention row table, beams never copy their convolution windows. ``out``: an optional ``[B, C]``
+    destination (unit stride along C; e.g. this branch's columns of a concatenation). Triton on CUDA, the
+    reference otherwise."""
     if _use_kernel(x, weight.shape[-1]):
-        return dynamic_conv_step_rows_triton(x, history, weight, step, rows, softmax)
-    return dynamic_conv_step_rows_ref(x, history, weight, step, rows, softmax)
+        return dynamic_conv_step_rows_triton(x, history, weight, step, rows, softmax, out)
+    return dynamic_conv_step_rows_ref(x, history, weight, step, rows, softmax, out)

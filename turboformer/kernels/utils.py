@@ -205,6 +205,21 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> t
     return buffer
 
 
+def output(out: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A launcher's output: a new buffer (:func:`empty`), or the caller's ``out`` after checking its shape, dtype
+    and device. ``out`` may be a strided view (e.g. columns of a wider buffer) with unit stride along its last
+    axis: the kernels store through its strides, so an engine can have two ops write one concatenated buffer."""
+    if out is None:
+        return empty(shape, dtype, device)
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != device:
+        raise KernelInputError(
+            f"out must be {dtype} {list(shape)} on {device}, got {out.dtype} {list(out.shape)} on {out.device}"
+        )
+    if out.stride(-1) != 1:
+        raise KernelInputError(f"out must have unit stride along its last axis, got strides {out.stride()}")
+    return out
+
+
 @functools.cache
 def _cuda_multiprocessors(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count

@@ -123,27 +123,30 @@ class BeamSearchState:
         return bool((self.n_finished >= self.k).all())
 
     def hypotheses(self, batch_size: int | None = None) -> list[list[Hypothesis]]:
-        """The ``nbest`` finished hypotheses of the first ``batch_size`` sentences, best first (one host copy)."""
+        """The ``nbest`` finished hypotheses of the first ``batch_size`` sentences, best first (one host copy).
+
+        Scores with the reference's float32 arithmetic, for all slots at once (a per-hypothesis loop of small
+        tensor ops cost ~1.6 ms of host time at 16 sentences x beam 4): per-token scores are differences of
+        the cumulative ones, the score is the cumulative one at </s> divided by ``len ** lenpen``."""
         B, k = self.B if batch_size is None else batch_size, self.k
+        slots = B * (k + 1)
         counts = self.n_finished[:B].tolist()
-        steps = self.fin_step.tolist()
-        tokens = self.fin_tokens.cpu()
-        cumulative = self.fin_cumulative.cpu()
-        lenpen, normalize = self.options.lenpen, self.options.normalize_scores
+        steps = self.fin_step[:slots].cpu()
+        tokens = self.fin_tokens[:slots].cpu()
+        cumulative = self.fin_cumulative[:slots].cpu()
+        positional = cumulative.clone()
+        positional[:, 1:] = cumulative[:, 1:] - cumulative[:, :-1]  # cumulative -> per token, float32
+        scores = cumulative.gather(1, steps[:, None])[:, 0]  # the cumulative score at </s>
+        if self.options.normalize_scores:
+            lengths = torch.tensor([(s + 1) ** self.options.lenpen for s in steps.tolist()], dtype=torch.float64)
+            scores = scores / lengths.to(torch.float32)
+        steps, tokens, positional, scores = steps.tolist(), tokens.tolist(), positional.tolist(), scores.tolist()
         out = []
         for b in range(B):
             sentence = []
-            for slot in range(counts[b]):
-                i = b * (k + 1) + slot
-                step = steps[i]
-                positional = cumulative[i, : step + 1].clone()
-                eos_score = positional[step].clone()  # float32, as the reference's tensor
-                positional[1:] = positional[1:] - positional[:-1]  # cumulative -> per token
-                if normalize:
-                    eos_score = eos_score / (step + 1) ** lenpen
-                sentence.append(
-                    Hypothesis(tuple(tokens[i, : step + 1].tolist()), float(eos_score), tuple(positional.tolist()))
-                )
+            for i in range(b * (k + 1), b * (k + 1) + counts[b]):
+                end = steps[i] + 1
+                sentence.append(Hypothesis(tuple(tokens[i][:end]), scores[i], tuple(positional[i][:end])))
             out.append(sorted(sentence, key=lambda h: h.score, reverse=True)[: self.options.nbest])
         return out
 

@@ -8,12 +8,14 @@ device tensor, and the beam bookkeeping is :class:`.device_search.BeamSearchStat
 
 One replayed step (N = sentences x beam rows; shapes for the WMT En-De size: C = 496, two branches of 248)::
 
-    x = sqrt(C) * embed[next_tokens] + positions[pad + 1 + step]                  [N, C]
+    x = sqrt(C) * embed[next_tokens] + positions[pad + 1 + step]    [N, C]  (kernels/embed_step.py, one launch)
     per layer (post-norm as in the paper, pre-norm also handled):
       u = x @ W_in^T + b_in      one GEMM: block-diagonal [q; k; v | linear1] over the branch channels
-      attention branch: kv_cache_write(k, v at column step); decode_attention(q, cache[:step + 1])
-      convolution branch: GLU(u_conv); taps = weight_linear(.); dynamic_conv_step_rows over the last K inputs
-      x = LayerNorm(x + [attn | conv] @ W_out^T + b_out)   one GEMM (block-diagonal [out_proj | linear2])
+      attention branch: decode_attention(q, cache[:step + 1], new_kv=(k, v)): stores k, v at column step too
+      convolution branch: GLU(u_conv); taps = weight_linear(.); the convolution over the last K inputs, in one
+        launch (kernels/dynamic_conv_branch.py; INT8 weights: GLU, int8 GEMM, dynamic_conv_step_rows)
+      both branches write their columns of one buffer m = [attn | conv]
+      x = LayerNorm(x + m @ W_out^T + b_out)   one GEMM (block-diagonal [out_proj | linear2])
       x = LayerNorm(x + cross_out(decode_attention(cross_q(x), encoder K/V)))
       x = LayerNorm(x + fc2(act(fc1(x))))
     each "x = LayerNorm(x + delta)" runs in the prologue of the next sublayer's first GEMM (in_proj, cross_q,
@@ -54,7 +56,8 @@ from torch import Tensor
 
 from turboformer.kernels.decode_attention import decode_attention
 from turboformer.kernels.dynamic_conv import dynamic_conv_step_rows
-from turboformer.kernels.kv_cache_write import kv_cache_write
+from turboformer.kernels.dynamic_conv_branch import dynamic_conv_branch_step
+from turboformer.kernels.embed_step import embed_step
 from turboformer.kernels.layer_norm import add_layer_norm, layer_norm
 from turboformer.kernels.norm_linear import MAX_FEATURES, norm_linear
 from turboformer.models.lite_transformer.device_search import BeamSearchState
@@ -135,6 +138,7 @@ def _linear_or_identity(linear: torch.nn.Linear | None, dim: int, device) -> tup
 @dataclass
 class _AttentionBranch:
     in_offset: int  # columns [in_offset, in_offset + 3 d) of the fused in-projection are q, k, v
+    out_offset: int  # columns [out_offset, out_offset + d) of the out-projection's input are its output
     dim: int
     heads: int
     group: tuple[int, int]  # (heads, head_dim): the self-attention cache tensor it lives in
@@ -144,6 +148,7 @@ class _AttentionBranch:
 @dataclass
 class _ConvBranch:
     in_offset: int  # columns [in_offset, in_offset + (2 d if glu else d)) are linear1's output
+    out_offset: int  # columns [out_offset, out_offset + d) of the out-projection's input are its output
     dim: int
     heads: int
     kernel_size: int
@@ -157,6 +162,7 @@ class _ConvBranch:
 @dataclass
 class _Layer:
     branches: list  # _AttentionBranch | _ConvBranch, in channel order
+    dim: int  # the branches' channels together (out_proj's input features)
     in_proj: PackedLinear  # block-diagonal over the branches
     out_proj: PackedLinear  # block-diagonal over the branches
     lsra_norm: tuple
@@ -182,7 +188,6 @@ class _Slot:
     conv_history: Tensor | None  # [n_conv, N, L, C_max]
     cross_kv: Tensor  # [layers, 2, N, H, S, D]
     cross_lengths: Tensor  # [N] int64, real source tokens of each row
-    positions: Tensor  # [N] int64: the step, per row (kv_cache_write reads one per row)
     self_lengths: Tensor  # [N] int64: step + 1
     beam_rows: Tensor  # [N] int64: the sentence of each row (arange(sentences) repeated beam times)
     kv_rows: Tensor  # [N, L] int64: the self-K/V cache row holding position s of row b's prefix (beam > 1)
@@ -246,7 +251,7 @@ class LiteTransformerEngine:
 
     def _convert(self, layer: DecoderLayer, dtype: torch.dtype, int8: bool) -> _Layer:
         device, int8_group = self.device, self.options.int8_group
-        in_blocks, out_blocks, branches, offset = [], [], [], 0
+        in_blocks, out_blocks, branches, offset, out_offset = [], [], [], 0, 0
         for module, dim in zip(layer.lsra.branches, layer.lsra.dims):
             if isinstance(module, MultiheadAttention):
                 qkv = [module.q_proj, module.k_proj, module.v_proj]
@@ -255,7 +260,7 @@ class LiteTransformerEngine:
                 group = (module.heads, module.head_dim)
                 index = self.attn_groups.get(group, 0)
                 self.attn_groups[group] = index + 1
-                branches.append(_AttentionBranch(offset, dim, module.heads, group, index))
+                branches.append(_AttentionBranch(offset, out_offset, dim, module.heads, group, index))
                 offset += 3 * dim
             else:
                 assert isinstance(module, (DynamicConv, LightweightConv))
@@ -269,18 +274,20 @@ class LiteTransformerEngine:
                     fixed = module.weight.detach().to(dtype).view(1, module.heads, module.kernel_size).contiguous()
                 branches.append(
                     _ConvBranch(
-                        offset, dim, module.heads, module.kernel_size, glu, module.weight_softmax,
+                        offset, out_offset, dim, module.heads, module.kernel_size, glu, module.weight_softmax,
                         self.n_conv, weight_linear, fixed,
                     )
                 )  # fmt: skip
                 self.n_conv += 1
                 self.conv_dim_max = max(self.conv_dim_max, dim)
                 offset += in_blocks[-1][0].shape[0]
+            out_offset += dim
         in_w, in_b = _block_diagonal(in_blocks)
         out_w, out_b = _block_diagonal(out_blocks)
         cross = layer.cross_attn
         return _Layer(
             branches=branches,
+            dim=out_offset,
             in_proj=PackedLinear(in_w, in_b, dtype, int8, int8_group),
             out_proj=PackedLinear(out_w, out_b, dtype, int8, int8_group),
             lsra_norm=_ln(layer.lsra_norm, dtype),
@@ -337,34 +344,43 @@ class LiteTransformerEngine:
         return delta, (next_norm if self.pre_norm else norm)
 
     def _lsra(self, slot: _Slot, i: int, layer: _Layer, x: Tensor, pending: tuple) -> tuple[Tensor, Tensor]:
-        """The LSRA sublayer: (its output, the residual stream)."""
+        """The LSRA sublayer: (its output, the residual stream). Each branch writes its columns of one
+        ``[N, layer.dim]`` buffer, the block-diagonal out-projection's input (no concatenation)."""
         N = x.shape[0]
         u, x = self._first_linear(x, pending, layer.in_proj)  # [N, sum of branch in-projections]
         rows = slot.kv_rows if slot.beam > 1 else None  # beams read their prefix's keys and inputs where they are
-        outs = []
+        mixed = torch.empty(N, layer.dim, dtype=u.dtype, device=u.device)
         for branch in layer.branches:
             d = branch.dim
+            out = mixed[:, branch.out_offset : branch.out_offset + d]
             if isinstance(branch, _AttentionBranch):
                 H, D = branch.group
                 qkv = u[:, branch.in_offset : branch.in_offset + 3 * d]
                 q, k, v = (t.view(N, H, D) for t in qkv.split(d, dim=1))
                 cache = slot.self_kv[branch.group][branch.index]  # [2, N, H, L, D]
-                kv_cache_write(k, v, cache[0], cache[1], slot.positions)
-                a = decode_attention(q, cache[0], cache[1], slot.self_lengths, D**-0.5, rows=rows)  # [N, H, D]
-                outs.append(a.reshape(N, d))
+                # this step's k, v go to (row b, column step) inside the attention launch
+                decode_attention(q, cache[0], cache[1], slot.self_lengths, D**-0.5, rows=rows, new_kv=(k, v),
+                                 out=out.view(N, H, D))  # fmt: skip
+                continue
+            width = 2 * d if branch.glu else d
+            c = u[:, branch.in_offset : branch.in_offset + width]
+            history = slot.conv_history[branch.index, :, :, :d]  # [N, L, d]: column `step` written here
+            step = slot.state.step
+            if branch.weight_linear is not None and self._fused(branch.weight_linear):  # one launch on CUDA
+                # the history and row table were written by earlier steps and the step's first kernel: they may
+                # load while the kernel before it (the in-projection or the attention branch) still runs
+                dynamic_conv_branch_step(c, branch.weight_linear.weight, history, step, rows, heads=branch.heads,
+                                         glu=branch.glu, softmax=branch.softmax, out=out, prefetch=True)  # fmt: skip
+                continue
+            if branch.glu:
+                c = F.glu(c, dim=-1)
+            c = c.contiguous()  # [N, d]
+            if branch.weight_linear is not None:
+                logits = self._linear(branch.weight_linear, c).view(N, branch.heads, branch.kernel_size)
             else:
-                width = 2 * d if branch.glu else d
-                c = u[:, branch.in_offset : branch.in_offset + width]
-                if branch.glu:
-                    c = F.glu(c, dim=-1)
-                c = c.contiguous()  # [N, d]
-                if branch.weight_linear is not None:
-                    logits = self._linear(branch.weight_linear, c).view(N, branch.heads, branch.kernel_size)
-                else:
-                    logits = branch.fixed_logits
-                history = slot.conv_history[branch.index, :, :, :d]  # [N, L, d]: column `step` written here
-                outs.append(dynamic_conv_step_rows(c, history, logits, slot.state.step, rows, branch.softmax))
-        return self._linear(layer.out_proj, torch.cat(outs, dim=-1)), x
+                logits = branch.fixed_logits
+            dynamic_conv_step_rows(c, history, logits, step, rows, branch.softmax, out=out)
+        return self._linear(layer.out_proj, mixed), x
 
     def _cross(self, slot: _Slot, i: int, layer: _Layer, x: Tensor, pending: tuple) -> tuple[Tensor, Tensor]:
         """Encoder-decoder attention: (its output, the residual stream)."""
@@ -378,14 +394,10 @@ class LiteTransformerEngine:
     def _step(self, slot: _Slot) -> None:
         """One beam-search step for all rows of ``slot``: device work only (captured as the slot's graph)."""
         state = slot.state
-        N = state.N
-        slot.positions.copy_(state.step.expand(N))
-        torch.add(slot.positions, 1, out=slot.self_lengths)
-        if state.k > 1:  # this step's keys go to each row's own cache row, column step
-            slot.kv_rows.scatter_(1, slot.positions[:, None], slot.own_rows[:, None])
-        x = self.embed_scale * F.embedding(state.next_tokens, self.embed)  # [N, C]
-        if self.position_table is not None:
-            x = x + self.position_table.index_select(0, state.step.view(1) + (self.padding_idx + 1))
+        # x [N, C]; the self-attention's lengths = step + 1; beams: this step's keys go to each row's own cache
+        # row (kv_rows[b, step] = b). One launch on CUDA
+        x = embed_step(state.next_tokens, self.embed, self.embed_scale, self.position_table, state.step,
+                       self.padding_idx + 1, lengths=slot.self_lengths, rows=slot.kv_rows if state.k > 1 else None)
         # each sublayer leaves its residual add + LayerNorm pending: the next sublayer's first linear does it
         pending = (None, self.layers[0].lsra_norm if self.pre_norm else None)
         relu = self.activation is F.relu  # fused into fc1's epilogue
@@ -432,7 +444,7 @@ class LiteTransformerEngine:
             long = dict(dtype=torch.long, device=dev)
             beam_rows = torch.arange(sentences, device=dev).repeat_interleave(beam)
             slot = _Slot(sentences, beam, S, L, state, self_kv, history, cross_kv,
-                         torch.ones(N, **long), torch.zeros(N, **long), torch.ones(N, **long), beam_rows,
+                         torch.ones(N, **long), torch.ones(N, **long), beam_rows,
                          torch.zeros(N, L, **long), torch.arange(N, device=dev))  # fmt: skip
             self.slots[key] = slot
         # the search options that are not shapes (lenpen, min_len, unk penalty, nbest) may change between calls
