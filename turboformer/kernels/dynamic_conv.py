@@ -99,40 +99,6 @@ def _dynamic_conv_kernel(
 
 
 @triton.jit
-def _step_taps_sum(
-    x_new,  # [BLOCK_C] this step's input (tap K - 1), in the buffer's dtype
-    buf_ptr, w_row_ptr, rows_ptr, b, t, C, cols, mask, head_off,
-    stride_bb, stride_bk, stride_wk, stride_rb,
-    K: tl.constexpr, SOFTMAX: tl.constexpr, HISTORY: tl.constexpr, HAS_ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
-):  # fmt: skip
-    """One causal step's output channels (fp32): sum over the K taps of the (softmax-normalised, rounded to the
-    buffer's dtype) kernel times the input of step t - K + 1 + k: from the ring buffer's slot (t + 1 + k) % K, or
-    (HISTORY) from column t - K + 1 + k of the cache row ``rows[b, that step]`` (zeros before step 0)."""
-    if SOFTMAX:
-        m, s = _tap_weights_max_sum(w_row_ptr, head_off, mask, stride_wk, K, BLOCK_C)
-    acc = tl.zeros([BLOCK_C], tl.float32)
-    for k in tl.static_range(K):
-        w = tl.load(w_row_ptr + head_off + k * stride_wk, mask=mask, other=0.0).to(tl.float32)
-        if SOFTMAX:
-            w = tl.exp(w - m) / s
-        w = w.to(buf_ptr.dtype.element_ty).to(tl.float32)
-        if k == K - 1:
-            xv = x_new.to(tl.float32)
-        elif HISTORY:
-            step = t - (K - 1 - k)  # steps before the first are zeros, as upstream's truncated first steps
-            seen = tl.maximum(step, 0)
-            src = tl.load(rows_ptr + b * stride_rb + seen) if HAS_ROWS else b
-            in_range = cols < tl.where(step >= 0, C, 0)  # mask & (step >= 0), as a vector comparison
-            xv = tl.load(buf_ptr + src * stride_bb + seen * stride_bk + cols, mask=in_range, other=0.0)
-            xv = xv.to(tl.float32)
-        else:
-            slot = (t + 1 + k) % K
-            xv = tl.load(buf_ptr + b * stride_bb + slot * stride_bk + cols, mask=mask, other=0.0).to(tl.float32)
-        acc += w * xv
-    return acc
-
-
-@triton.jit
 def _dynamic_conv_step_kernel(
     x_ptr,  # [B, C] this step's input (unit stride along C)
     buf_ptr,  # [B, K, C] ring buffer, slot position % K written here; HISTORY: [B, L, C], column step written
@@ -170,8 +136,27 @@ def _dynamic_conv_step_kernel(
     else:
         t = position
         tl.store(buf_ptr + b * stride_bb + (t % K) * stride_bk + cols, x_new, mask=mask)
-    acc = _step_taps_sum(x_new, buf_ptr, w_row_ptr, rows_ptr, b, t, C, cols, mask, head_off, stride_bb,
-                         stride_bk, stride_wk, stride_rb, K, SOFTMAX, HISTORY, HAS_ROWS, BLOCK_C)  # fmt: skip
+    if SOFTMAX:
+        m, s = _tap_weights_max_sum(w_row_ptr, head_off, mask, stride_wk, K, BLOCK_C)
+    acc = tl.zeros([BLOCK_C], tl.float32)
+    for k in tl.static_range(K):
+        w = tl.load(w_row_ptr + head_off + k * stride_wk, mask=mask, other=0.0).to(tl.float32)
+        if SOFTMAX:
+            w = tl.exp(w - m) / s
+        w = w.to(buf_ptr.dtype.element_ty).to(tl.float32)
+        if k == K - 1:
+            xv = x_new.to(tl.float32)
+        elif HISTORY:
+            step = t - (K - 1 - k)  # steps before the first are zeros, as upstream's truncated first steps
+            seen = tl.maximum(step, 0)
+            src = tl.load(rows_ptr + b * stride_rb + seen) if HAS_ROWS else b
+            in_range = cols < tl.where(step >= 0, C, 0)  # mask & (step >= 0), as a vector comparison
+            xv = tl.load(buf_ptr + src * stride_bb + seen * stride_bk + cols, mask=in_range, other=0.0)
+            xv = xv.to(tl.float32)
+        else:
+            slot = (t + 1 + k) % K
+            xv = tl.load(buf_ptr + b * stride_bb + slot * stride_bk + cols, mask=mask, other=0.0).to(tl.float32)
+        acc += w * xv
     tl.store(out_ptr + b * stride_ob + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 

@@ -162,7 +162,6 @@ class _ConvBranch:
 @dataclass
 class _Layer:
     branches: list  # _AttentionBranch | _ConvBranch, in channel order
-    dim: int  # the branches' channels together (out_proj's input features)
     in_proj: PackedLinear  # block-diagonal over the branches
     out_proj: PackedLinear  # block-diagonal over the branches
     lsra_norm: tuple
@@ -287,7 +286,6 @@ class LiteTransformerEngine:
         cross = layer.cross_attn
         return _Layer(
             branches=branches,
-            dim=out_offset,
             in_proj=PackedLinear(in_w, in_b, dtype, int8, int8_group),
             out_proj=PackedLinear(out_w, out_b, dtype, int8, int8_group),
             lsra_norm=_ln(layer.lsra_norm, dtype),
@@ -345,11 +343,11 @@ class LiteTransformerEngine:
 
     def _lsra(self, slot: _Slot, i: int, layer: _Layer, x: Tensor, pending: tuple) -> tuple[Tensor, Tensor]:
         """The LSRA sublayer: (its output, the residual stream). Each branch writes its columns of one
-        ``[N, layer.dim]`` buffer, the block-diagonal out-projection's input (no concatenation)."""
+        ``[N, sum of branch channels]`` buffer, the block-diagonal out-projection's input (no concatenation)."""
         N = x.shape[0]
         u, x = self._first_linear(x, pending, layer.in_proj)  # [N, sum of branch in-projections]
         rows = slot.kv_rows if slot.beam > 1 else None  # beams read their prefix's keys and inputs where they are
-        mixed = torch.empty(N, layer.dim, dtype=u.dtype, device=u.device)
+        mixed = torch.empty(N, layer.out_proj.in_features, dtype=u.dtype, device=u.device)
         for branch in layer.branches:
             d = branch.dim
             out = mixed[:, branch.out_offset : branch.out_offset + d]
