@@ -110,3 +110,25 @@ def test_bad_input():
         beam_search_step_triton(logits, state, SPECIAL.pad, SPECIAL.unk, SPECIAL.eos, tables=(table.int(),))
     with pytest.raises(KernelInputError, match="float32, float16 or bfloat16"):
         beam_search_step(logits.long(), state, SPECIAL.pad, SPECIAL.unk, SPECIAL.eos)
+
+
+@pytest.mark.parametrize("V", [37, 2500])
+def test_ties_go_to_the_lowest_flat_index(V):
+    """Equal scores rank by flat index ``beam * V + symbol`` (lowest first): every beam of a sentence has the same
+    score and the same logits, drawn from four values, so most candidates tie exactly; the expected order is a
+    stable sort of the exact scores (the values are far apart: no rounding reorders them)."""
+    k = 4
+    state, _, _ = _state("middle", k, V, seed=7)
+    state.prev_scores.zero_()
+    g = torch.Generator().manual_seed(V)
+    row = torch.randint(0, 4, (B, 1, V), generator=g).float() * 0.5
+    row[..., SPECIAL.eos] = -8.0  # no </s> candidate: the continuing beams are the first k candidates
+    logits = row.expand(B, k, V).reshape(B * k, V).to(DEVICE)
+    beam_search_step_triton(logits, state, SPECIAL.pad, SPECIAL.unk, SPECIAL.eos)
+    scores = torch.log_softmax(logits.double().cpu(), dim=-1)
+    scores[:, SPECIAL.pad] = float("-inf")
+    scores[:, SPECIAL.unk] -= 0.7  # the state's unk penalty
+    flat = scores.view(B, k * V)
+    order = torch.sort(flat, dim=1, descending=True, stable=True).indices[:, :k]  # [B, k] flat indices
+    assert torch.equal(state.next_tokens.cpu(), (order % V).view(-1))
+    assert torch.equal(state.reorder_rows.cpu(), (order // V + torch.arange(B)[:, None] * k).view(-1))

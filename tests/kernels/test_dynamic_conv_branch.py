@@ -55,7 +55,7 @@ def branch_paths(B, T, C, H, K, dtype, glu, with_rows, seed=0, softmax=True):
     return us, weight, parents.to(DEVICE), gold.to(DEVICE), xs
 
 
-def run(step_fn, us, weight, parents, H, glu, with_rows, out_offset=0, softmax=True, prefetch=False):
+def run(step_fn, us, weight, parents, H, glu, with_rows, out_offset=0, softmax=True, **launch):
     """The engine's use: the row table gets column t = own row before the step and follows the parents after;
     the output goes to columns [out_offset, out_offset + C) of a wider buffer."""
     T, B, _ = us.shape
@@ -68,7 +68,7 @@ def run(step_fn, us, weight, parents, H, glu, with_rows, out_offset=0, softmax=T
         wide = torch.zeros(B, C + out_offset + 2, device=DEVICE, dtype=us.dtype)
         out = step_fn(us[t], weight, history, torch.tensor(t, device=DEVICE), table if with_rows else None,
                       heads=H, glu=glu, softmax=softmax, out=wide[:, out_offset : out_offset + C],
-                      prefetch=prefetch)  # fmt: skip
+                      **launch)  # fmt: skip
         assert out.data_ptr() == wide[:, out_offset:].data_ptr()
         assert not wide[:, :out_offset].any() and not wide[:, out_offset + C :].any()
         outs.append(out.clone())
@@ -77,17 +77,25 @@ def run(step_fn, us, weight, parents, H, glu, with_rows, out_offset=0, softmax=T
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("glu, softmax, prefetch", [(True, True, False), (False, True, True), (True, False, True)])
+@pytest.mark.parametrize(
+    "glu, softmax, launch",
+    [
+        (True, True, {}),
+        (False, True, {"prefetch": True}),
+        (True, False, {"prefetch": True}),
+        (True, True, {"overlap": True}),
+    ],
+)
 @pytest.mark.parametrize("with_rows", [True, False])
 @pytest.mark.parametrize("B, C, H, K", [(4, 12, 3, 4), (3, 10, 2, 1), (5, 36, 4, 7), (2, 300, 3, 7)])
-def test_branch_step_against_paths(B, C, H, K, with_rows, glu, softmax, prefetch, dtype):
+def test_branch_step_against_paths(B, C, H, K, with_rows, glu, softmax, launch, dtype):
     T = 8
     us, weight, parents, gold, xs = branch_paths(B, T, C, H, K, dtype, glu, with_rows, softmax=softmax)
     torch_lowp, ref_history = run(dynamic_conv_branch_step_ref, us, weight, parents, H, glu, with_rows,
                                   softmax=softmax)  # fmt: skip
     with poison_buffers():
         out, history = run(dynamic_conv_branch_step_triton, us, weight, parents, H, glu, with_rows, out_offset=3,
-                           softmax=softmax, prefetch=prefetch)  # fmt: skip
+                           softmax=softmax, **launch)  # fmt: skip
     assert out.dtype == dtype
     assert_close_to_gold(out, gold, torch_lowp, bf16_truncations=3)  # the GLU output, the logits, the taps
     if dtype == torch.float32:

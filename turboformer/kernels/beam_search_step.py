@@ -25,8 +25,12 @@ sentence: ~75 us at 16 x 4 x 32,768 on an H200). The Triton version:
 
 The step counter is incremented by one PyTorch op afterwards (every program reads it).
 
-Candidates of equal score are ordered by their flat index ``beam * V + symbol`` (lowest first); ``torch.topk``
-leaves that order to the device. The log-sum-exp is summed in another order than PyTorch's, so log-probabilities
+Both kernels pick their best candidates in rounds of one max reduction each: every candidate gets a distinct int64
+key (``_order_key``: the fp32 value's bits made monotone, then the index) whose maximum is the best value with the
+lowest index among equals; the round removes it. (Two reductions per round, the value's max and the index's min,
+plus one to read the pick's logit, cost the candidates kernel ~6 us more at 16 x 4 x 32,768 on an H200.) Candidates
+of equal score are so ordered by their flat index ``beam * V + symbol`` (lowest first); ``torch.topk`` leaves that
+order to the device. The log-sum-exp is summed in another order than PyTorch's, so log-probabilities
 may differ from ``F.log_softmax``'s in the last bits (tests compare scores at 1e-5).
 """
 
@@ -43,6 +47,8 @@ from turboformer.kernels.utils import KernelInputError, tl, triton
 
 NEG_INF = float("-inf")
 MAX_CHUNKS = 32  # symbols per row are split into at most this many chunks of BLOCK_V (>= 1,024)
+MIN_CHUNKS = 8  # ... and into at least this many (when BLOCK_V >= 1,024 allows)
+TARGET_PROGRAMS = 256  # rows x chunks the candidates kernel aims at
 CANDIDATE_WARPS = 4  # warps of a candidates program
 
 
@@ -158,6 +164,37 @@ def _masked(value, symbol, step, max_len, min_len, penalty, PAD, UNK, EOS):
 
 
 @triton.jit
+def _order_key(value, index, LIMIT):
+    """An int64 per element that orders as (value, then the lower index first): the fp32 value's bits made
+    monotone (IEEE order; -0.0 counts as +0.0) above ``LIMIT - index`` (0 <= index < LIMIT < 2^31). The best
+    candidate is then one max reduction of the keys instead of a max of the values and a min of the indices.
+    Removed elements get _no_key(), below the key of any value (-inf included)."""
+    bits = (value + 0.0).to(tl.int32, bitcast=True)
+    bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: larger magnitude -> smaller int
+    return (bits.to(tl.int64) << 32) | (LIMIT - index).to(tl.int64)
+
+
+@triton.jit
+def _no_key():
+    """(-2^31 + 1) * 2^32: below the key of -inf (high word -2,139,095,041), index LIMIT, value -inf."""
+    return tl.full([], -9223372032559808512, tl.int64)
+
+
+@triton.jit
+def _key_value(key):
+    """The value of an _order_key (-inf for _no_key())."""
+    bits = (key >> 32).to(tl.int32)
+    value = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+    return tl.where(key == _no_key(), -float("inf"), value)
+
+
+@triton.jit
+def _key_index(key, LIMIT):
+    """The index of an _order_key (LIMIT for _no_key())."""
+    return (LIMIT - (key - ((key >> 32) << 32))).to(tl.int32)
+
+
+@triton.jit
 def _row_candidates_kernel(
     logits_ptr, stride_logits,  # [N, V], symbols at unit stride
     step_ptr, max_len_ptr, min_len_ptr, penalty_ptr,  # [] search scalars
@@ -179,14 +216,17 @@ def _row_candidates_kernel(
     total = tl.sum(tl.exp(x - m), axis=0)  # masked symbols: exp(-inf) = 0
     step = tl.load(step_ptr)
     value = _masked(x, symbol, step, tl.load(max_len_ptr), tl.load(min_len_ptr), tl.load(penalty_ptr), PAD, UNK, EOS)
-    alive = valid
+    key = tl.where(valid, _order_key(value, symbol, V), _no_key())  # [BLOCK_V] distinct keys
+    unk_logit = tl.load(logits_ptr + row.to(tl.int64) * stride_logits + UNK).to(tl.float32)
     out = (row * C + chunk) * TOPK
-    for i in tl.static_range(TOPK):  # the best alive symbol, lowest index among equals, then remove it
-        best = tl.max(tl.where(alive, value, NEG), axis=0)
-        pick = tl.min(tl.where(alive & (value == best), symbol, V), axis=0)
-        tl.store(cand_logit_ptr + out + i, tl.sum(tl.where(symbol == pick, x, 0.0), axis=0))
+    for i in tl.static_range(TOPK):  # the best key left (best value, lowest symbol among equals), then remove it
+        best = tl.max(key, axis=0)
+        key = tl.where(key == best, _no_key(), key)
+        pick = _key_index(best, V)  # V when the chunk has no symbol left
+        # the raw logit: the masked value, except for unk (the penalty subtracted; masked to -inf values are masked
+        # again by the selection, whatever their logit)
+        tl.store(cand_logit_ptr + out + i, tl.where(pick == UNK, unk_logit, _key_value(best)))
         tl.store(cand_symbol_ptr + out + i, pick)
-        alive = alive & (symbol != pick)
     tl.store(chunk_max_ptr + row * C + chunk, m)
     tl.store(chunk_sum_ptr + row * C + chunk, total)
 
@@ -272,13 +312,12 @@ def _beam_select_kernel(
     i = tl.arange(0, BLOCK_TOPK)
     cand_score = tl.full([BLOCK_TOPK], NEG, tl.float32)
     cand_flat = tl.full([BLOCK_TOPK], NONE, tl.int32)
-    alive = ok
+    key = tl.where(ok, _order_key(score, flat, NONE), _no_key())  # [BLOCK_K, BLOCK_C * BLOCK_TOPK] distinct keys
     for r in tl.static_range(TOPK):
-        best = tl.max(tl.max(tl.where(alive, score, NEG), axis=1), axis=0)
-        pick = tl.min(tl.min(tl.where(alive & (score == best), flat, NONE), axis=1), axis=0)
-        cand_score = tl.where(i == r, best, cand_score)
-        cand_flat = tl.where(i == r, pick, cand_flat)
-        alive = alive & (flat != pick)
+        best = tl.max(tl.max(key, axis=1), axis=0)
+        key = tl.where(key == best, _no_key(), key)
+        cand_score = tl.where(i == r, _key_value(best), cand_score)
+        cand_flat = tl.where(i == r, _key_index(best, NONE), cand_flat)
     i_ok = i < TOPK
     cand_symbol = cand_flat % V
     cand_row = b * K + cand_flat // V  # [BLOCK_TOPK] global rows
@@ -333,6 +372,14 @@ def _check(logits: torch.Tensor, s: BeamTensors, tables: Sequence[torch.Tensor])
             raise KernelInputError(f"a reordered table must be int64 [{s.N}, L], got {table.dtype} {list(table.shape)}")
 
 
+def _block_v(rows: int, symbols: int) -> int:
+    """The candidates kernel's chunk: about TARGET_PROGRAMS programs (MIN_CHUNKS to MAX_CHUNKS per row). Fewer,
+    longer chunks also leave the selection fewer candidates to merge. H200, 64 rows x 32,768 symbols
+    (``bench_beam_search_step.py --sweep``): 4,096-symbol chunks x 4 warps 24.5 us, 1,024 28.1 us."""
+    chunks = min(MAX_CHUNKS, max(MIN_CHUNKS, utils.next_power_of_2(utils.cdiv(TARGET_PROGRAMS, max(rows, 1)))))
+    return max(1024, utils.next_power_of_2(utils.cdiv(symbols, chunks)))
+
+
 def beam_search_step_triton(
     logits: torch.Tensor, s: BeamTensors, pad: int, unk: int, eos: int, tables: Sequence[torch.Tensor] = (),
     *, block_v: int | None = None, num_warps: int | None = None,
@@ -349,7 +396,7 @@ def beam_search_step_triton(
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     N, V, k = s.N, s.V, s.k
-    block_v = block_v or max(1024, utils.next_power_of_2(utils.cdiv(V, MAX_CHUNKS)))
+    block_v = block_v or _block_v(N, V)
     chunks = utils.cdiv(V, block_v)
     topk = 2 * k
     device = logits.device

@@ -67,6 +67,7 @@ def _dynamic_conv_branch_kernel(
     HAS_ROWS: tl.constexpr,
     PDL: tl.constexpr,
     PREFETCH: tl.constexpr,  # the history and the row table may be read before the PDL wait
+    OVERLAP: tl.constexpr,  # no wait for the previous kernel before the work, only before exiting (``overlap``)
     BLOCK_C: tl.constexpr,  # >= C: every channel, for the prediction
     BLOCK_K: tl.constexpr,  # >= K
     BLOCK_R: tl.constexpr,  # >= R: this head's channels
@@ -92,7 +93,8 @@ def _dynamic_conv_branch_kernel(
     if PREFETCH:
         window = _window(hist_ptr, rows_ptr, b, seen, earlier, own, own_mask, stride_hb, stride_hl, stride_rb, HAS_ROWS)
     if PDL:
-        tl.extra.cuda.gdc_wait()
+        if not OVERLAP:
+            tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     if not PREFETCH:
         window = _window(hist_ptr, rows_ptr, b, seen, earlier, own, own_mask, stride_hb, stride_hl, stride_rb, HAS_ROWS)
@@ -113,6 +115,8 @@ def _dynamic_conv_branch_kernel(
     window = tl.where((k == K - 1)[:, None], x_own.to(tl.float32)[None, :], window)
     out = tl.sum(taps[:, None] * window, axis=0)  # [BLOCK_R]
     tl.store(out_ptr + b * stride_ob + own, out.to(out_ptr.dtype.element_ty), mask=own_mask)
+    if PDL and OVERLAP:  # done only when the previous kernel is: the kernels after this one read both outputs
+        tl.extra.cuda.gdc_wait()
 
 
 @triton.jit
@@ -165,6 +169,7 @@ def dynamic_conv_branch_step_triton(
     softmax: bool = True,
     out: torch.Tensor | None = None,
     prefetch: bool = False,
+    overlap: bool = False,
 ) -> torch.Tensor:
     """:func:`dynamic_conv_branch_step` with the Triton kernel."""
     B, C, H, K = _check(u, weight, history, step, rows, heads, glu)
@@ -184,7 +189,7 @@ def dynamic_conv_branch_step_triton(
             C, C // H, K,
             u.stride(0), weight.stride(0), history.stride(0), history.stride(1),
             rows.stride(0) if rows is not None else 0, out.stride(0),
-            GLU=glu, SOFTMAX=softmax, HAS_ROWS=rows is not None, PDL=pdl, PREFETCH=prefetch,
+            GLU=glu, SOFTMAX=softmax, HAS_ROWS=rows is not None, PDL=pdl, PREFETCH=prefetch, OVERLAP=overlap,
             BLOCK_C=utils.next_power_of_2(C), BLOCK_K=utils.next_power_of_2(K),
             BLOCK_R=utils.next_power_of_2(C // H), num_warps=4,
             **({"launch_pdl": True} if pdl else {}),
@@ -204,9 +209,10 @@ def dynamic_conv_branch_step_ref(
     softmax: bool = True,
     out: torch.Tensor | None = None,
     prefetch: bool = False,
+    overlap: bool = False,
 ) -> torch.Tensor:
     """PyTorch reference: ``F.glu``, the kernel prediction as an fp32 matmul rounded to x's dtype, then
-    :func:`.dynamic_conv.dynamic_conv_step_rows_ref` (``prefetch``, a launch option, is ignored)."""
+    :func:`.dynamic_conv.dynamic_conv_step_rows_ref` (``prefetch`` and ``overlap``, launch options, are ignored)."""
     B, C, H, K = _check(u, weight, history, step, rows, heads, glu)
     x = F.glu(u, dim=-1) if glu else u
     logits = (x.float() @ weight.float().T).to(x.dtype).view(B, H, K)
@@ -225,6 +231,7 @@ def dynamic_conv_branch_step(
     softmax: bool = True,
     out: torch.Tensor | None = None,
     prefetch: bool = False,
+    overlap: bool = False,
 ) -> torch.Tensor:
     """One decoding step of a dynamic-convolution branch from its input projection's output.
 
@@ -242,12 +249,19 @@ def dynamic_conv_branch_step(
             on the stream began (in an engine's step: by earlier steps and the step's first kernels, with the
             input projection in between): under programmatic dependent launch (Hopper) they are read while that
             kernel still runs. A wrong promise reads stale inputs.
+        overlap: the caller's promise that the previous kernel on the stream reads and writes nothing that this
+            one touches, and that it was launched with PDL and signals its dependents only after its own wait for
+            the kernel before it (``decode_attention`` does: the self-attention branch of the same layer). Then all
+            of this kernel's inputs are complete when it starts, and it runs alongside that kernel instead of
+            after it; it waits for it only before exiting, so the kernels after it see both outputs. A wrong
+            promise reads unfinished inputs.
 
     Returns:
         ``[B, C]`` in u's dtype, before ``linear2``. Triton on CUDA, the reference otherwise.
     """
     if utils.use_triton_or_interpreter(u) and _fits(history.shape[-1], heads, weight.shape[0] // max(heads, 1)):
         return dynamic_conv_branch_step_triton(
-            u, weight, history, step, rows, heads=heads, glu=glu, softmax=softmax, out=out, prefetch=prefetch
+            u, weight, history, step, rows, heads=heads, glu=glu, softmax=softmax, out=out, prefetch=prefetch,
+            overlap=overlap,
         )
     return dynamic_conv_branch_step_ref(u, weight, history, step, rows, heads=heads, glu=glu, softmax=softmax, out=out)

@@ -13,7 +13,8 @@ One replayed step (N = sentences x beam rows; shapes for the WMT En-De size: C =
       u = x @ W_in^T + b_in      one GEMM: block-diagonal [q; k; v | linear1] over the branch channels
       attention branch: decode_attention(q, cache[:step + 1], new_kv=(k, v)): stores k, v at column step too
       convolution branch: GLU(u_conv); taps = weight_linear(.); the convolution over the last K inputs, in one
-        launch (kernels/dynamic_conv_branch.py; INT8 weights: GLU, int8 GEMM, dynamic_conv_step_rows)
+        launch (kernels/dynamic_conv_branch.py; INT8 weights: GLU, int8 GEMM, dynamic_conv_step_rows), which
+        runs alongside the attention branch launched before it (``overlap``: the two share no buffer)
       both branches write their columns of one buffer m = [attn | conv]
       x = LayerNorm(x + m @ W_out^T + b_out)   one GEMM (block-diagonal [out_proj | linear2])
       x = LayerNorm(x + cross_out(decode_attention(cross_q(x), encoder K/V)))
@@ -348,6 +349,7 @@ class LiteTransformerEngine:
         u, x = self._first_linear(x, pending, layer.in_proj)  # [N, sum of branch in-projections]
         rows = slot.kv_rows if slot.beam > 1 else None  # beams read their prefix's keys and inputs where they are
         mixed = torch.empty(N, layer.out_proj.in_features, dtype=u.dtype, device=u.device)
+        after_attention = False  # whether the last launch was a self-attention branch's decode_attention
         for branch in layer.branches:
             d = branch.dim
             out = mixed[:, branch.out_offset : branch.out_offset + d]
@@ -359,6 +361,7 @@ class LiteTransformerEngine:
                 # this step's k, v go to (row b, column step) inside the attention launch
                 decode_attention(q, cache[0], cache[1], slot.self_lengths, D**-0.5, rows=rows, new_kv=(k, v),
                                  out=out.view(N, H, D))  # fmt: skip
+                after_attention = True
                 continue
             width = 2 * d if branch.glu else d
             c = u[:, branch.in_offset : branch.in_offset + width]
@@ -366,9 +369,13 @@ class LiteTransformerEngine:
             step = slot.state.step
             if branch.weight_linear is not None and self._fused(branch.weight_linear):  # one launch on CUDA
                 # the history and row table were written by earlier steps and the step's first kernel: they may
-                # load while the kernel before it (the in-projection or the attention branch) still runs
+                # load while the kernel before it (the in-projection or the attention branch) still runs. After an
+                # attention branch, which shares no buffer with it and starts its dependents only once the
+                # in-projection is done, the whole branch runs alongside the attention (overlap)
                 dynamic_conv_branch_step(c, branch.weight_linear.weight, history, step, rows, heads=branch.heads,
-                                         glu=branch.glu, softmax=branch.softmax, out=out, prefetch=True)  # fmt: skip
+                                         glu=branch.glu, softmax=branch.softmax, out=out, prefetch=True,
+                                         overlap=after_attention)  # fmt: skip
+                after_attention = False
                 continue
             if branch.glu:
                 c = F.glu(c, dim=-1)
@@ -378,6 +385,7 @@ class LiteTransformerEngine:
             else:
                 logits = branch.fixed_logits
             dynamic_conv_step_rows(c, history, logits, step, rows, branch.softmax, out=out)
+            after_attention = False
         return self._linear(layer.out_proj, mixed), x
 
     def _cross(self, slot: _Slot, i: int, layer: _Layer, x: Tensor, pending: tuple) -> tuple[Tensor, Tensor]:
