@@ -349,8 +349,7 @@ class LiteTransformerEngine:
         u, x = self._first_linear(x, pending, layer.in_proj)  # [N, sum of branch in-projections]
         rows = slot.kv_rows if slot.beam > 1 else None  # beams read their prefix's keys and inputs where they are
         mixed = torch.empty(N, layer.out_proj.in_features, dtype=u.dtype, device=u.device)
-        after_attention = False  # whether the last launch was a self-attention branch's decode_attention
-        for branch in layer.branches:
+        for j, branch in enumerate(layer.branches):
             d = branch.dim
             out = mixed[:, branch.out_offset : branch.out_offset + d]
             if isinstance(branch, _AttentionBranch):
@@ -361,7 +360,6 @@ class LiteTransformerEngine:
                 # this step's k, v go to (row b, column step) inside the attention launch
                 decode_attention(q, cache[0], cache[1], slot.self_lengths, D**-0.5, rows=rows, new_kv=(k, v),
                                  out=out.view(N, H, D))  # fmt: skip
-                after_attention = True
                 continue
             width = 2 * d if branch.glu else d
             c = u[:, branch.in_offset : branch.in_offset + width]
@@ -372,10 +370,10 @@ class LiteTransformerEngine:
                 # load while the kernel before it (the in-projection or the attention branch) still runs. After an
                 # attention branch, which shares no buffer with it and starts its dependents only once the
                 # in-projection is done, the whole branch runs alongside the attention (overlap)
+                after_attention = j > 0 and isinstance(layer.branches[j - 1], _AttentionBranch)  # its last launch
                 dynamic_conv_branch_step(c, branch.weight_linear.weight, history, step, rows, heads=branch.heads,
                                          glu=branch.glu, softmax=branch.softmax, out=out, prefetch=True,
                                          overlap=after_attention)  # fmt: skip
-                after_attention = False
                 continue
             if branch.glu:
                 c = F.glu(c, dim=-1)
@@ -385,7 +383,6 @@ class LiteTransformerEngine:
             else:
                 logits = branch.fixed_logits
             dynamic_conv_step_rows(c, history, logits, step, rows, branch.softmax, out=out)
-            after_attention = False
         return self._linear(layer.out_proj, mixed), x
 
     def _cross(self, slot: _Slot, i: int, layer: _Layer, x: Tensor, pending: tuple) -> tuple[Tensor, Tensor]:
