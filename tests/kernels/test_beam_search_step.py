@@ -92,6 +92,29 @@ def test_step_matches_reference(case, k, V, dtype):
         assert int(want.n_finished.sum()) > int(_state(case, k, V, seed=k * 100 + V)[0].n_finished.sum())
 
 
+@pytest.mark.parametrize("k", [1, 4])
+@pytest.mark.parametrize("layout", ["one group", "one per group", "one level"])
+def test_candidates_wherever_they_lie_in_a_chunk(layout, k):
+    """The candidates kernel's two-level selection (the 2k groups of 32 symbols with the best maxima, then the 2k best
+    of their symbols) against the reference when a row's 2k best symbols fill one group, or lie one per group (all
+    2k groups needed), and the one-level selection of short chunks (2k x 32 >= BLOCK_V). </s> is the best of them,
+    so the continuing beams come from further down the list (at k = 1 the row's second candidate decides)."""
+    V = 2500
+    want, logits, want_table = _state("middle", k, V, seed=11)
+    got, _, got_table = _state("middle", k, V, seed=11)
+    rank = torch.arange(1, 2 * k, device=DEVICE)
+    others = 4 + rank if layout == "one group" else 32 + 32 * rank  # one group: </s>'s own, symbols 0..31
+    symbols = torch.cat([torch.tensor([SPECIAL.eos], device=DEVICE), others])
+    logits[:, symbols] = logits.max() + 20.0 - torch.arange(2 * k, device=DEVICE).float() * 0.125
+    beam_search_step_ref(logits.clone(), want, SPECIAL.pad, SPECIAL.unk, SPECIAL.eos, tables=(want_table,))
+    block_v = 64 if layout == "one level" else None
+    beam_search_step_triton(logits, got, SPECIAL.pad, SPECIAL.unk, SPECIAL.eos, tables=(got_table,), block_v=block_v)
+    for name, expected in _fields(want, "middle").items():
+        torch.testing.assert_close(_fields(got, "middle")[name], expected, rtol=1e-5, atol=1e-5, msg=name)
+    torch.testing.assert_close(got_table, want_table)
+    assert set(got.next_tokens.tolist()) <= set(others.tolist())  # the planted symbols won
+
+
 def test_step_without_table_and_through_the_dispatcher():
     want, logits, _ = _state("eos", 4, 300, seed=3)
     got, _, _ = _state("eos", 4, 300, seed=3)
@@ -108,6 +131,8 @@ def test_bad_input():
         beam_search_step_triton(logits[:, :-1], state, SPECIAL.pad, SPECIAL.unk, SPECIAL.eos)
     with pytest.raises(KernelInputError, match="table"):
         beam_search_step_triton(logits, state, SPECIAL.pad, SPECIAL.unk, SPECIAL.eos, tables=(table.int(),))
+    with pytest.raises(KernelInputError, match="block_v"):
+        beam_search_step_triton(logits, state, SPECIAL.pad, SPECIAL.unk, SPECIAL.eos, block_v=48)
     with pytest.raises(KernelInputError, match="float32, float16 or bfloat16"):
         beam_search_step(logits.long(), state, SPECIAL.pad, SPECIAL.unk, SPECIAL.eos)
 

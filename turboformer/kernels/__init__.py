@@ -25,6 +25,7 @@ re-exports only the switch, so each op's name keeps naming its module.
 | ``kv_cache_write.py`` | ``kv_cache_write`` (one step's K and V into a static cache, per-row columns) |
 | ``dynamic_conv.py`` | ``dynamic_conv``, ``dynamic_conv_step``, ``dynamic_conv_step_rows`` (beams read inputs by row table) (Lite Transformer) |
 | ``norm_linear.py`` | ``norm_linear`` (residual add + LayerNorm prologue, bias/ReLU epilogue, M <= 256 rows; Lite Transformer) |
+| ``norm_cross_attention.py`` | ``norm_cross_attention`` (residual add + LayerNorm + query projection + attention over a static K/V; Lite Transformer) |
 | ``beam_search_step.py`` | ``beam_search_step`` (fairseq's beam-search step from the logits: candidates + selection/bookkeeping) |
 | ``depthwise_conv.py`` | ``depthwise_conv1d`` (+ folded BatchNorm, SiLU; Conformer) |
 | ``window_attention.py`` | ``window_attention`` (SAM encoder attention from the fused qkv: windows, padding, rel-pos) |

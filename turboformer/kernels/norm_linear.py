@@ -46,6 +46,27 @@ def _plan(m: int, n: int) -> tuple[int, int, int]:
 
 
 @triton.jit
+def add_norm_rows(x_ptr, delta_ptr, rm, k, tile, stride_x, stride_delta, gain, shift, K, eps, ADD: tl.constexpr,
+                  LN: tl.constexpr):  # fmt: skip
+    """The prologue for rows ``rm [BLOCK_M]`` over features ``k [BLOCK_K]`` (``tile`` masks both): ``(s, n)``, fp32
+    ``[BLOCK_M, BLOCK_K]``: s = x (+ delta when ADD, rounded to x's dtype: the residual stream exactly as stored)
+    and n = LayerNorm(s) with ``gain``, ``shift`` [BLOCK_K] when LN (two-pass statistics: the mean, then the
+    centred variance, as layer_norm), else s."""
+    x = tl.load(x_ptr + rm[:, None] * stride_x + k[None, :], mask=tile, other=0.0)
+    if ADD:
+        d = tl.load(delta_ptr + rm[:, None] * stride_delta + k[None, :], mask=tile, other=0.0)
+        x = (x.to(tl.float32) + d.to(tl.float32)).to(x_ptr.dtype.element_ty)
+    s = x.to(tl.float32)
+    n = s
+    if LN:
+        mean = tl.sum(s, axis=1) / K
+        centred = tl.where(tile, s - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / K + eps)
+        n = centred * rstd[:, None] * gain[None, :] + shift[None, :]
+    return s, n
+
+
+@triton.jit
 def _norm_linear_kernel(
     x_ptr,  # [M, K] rows (the residual stream when ADD / LN), fp32 or the weight's dtype
     delta_ptr,  # [M, K] the previous sublayer's output (ADD), any float dtype
@@ -71,6 +92,8 @@ def _norm_linear_kernel(
     w = tl.load(w_ptr + rn.to(tl.int64)[:, None] * stride_w + k[None, :], mask=n_mask[:, None] & k_mask[None, :],
                 other=0.0)  # [BLOCK_N, BLOCK_K]  # fmt: skip
     bias = tl.zeros([BLOCK_N], tl.float32)
+    gain = 0.0
+    shift = 0.0
     if HAS_BIAS:
         bias = tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
     if LN:
@@ -83,19 +106,10 @@ def _norm_linear_kernel(
     rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = rm < M
     tile = m_mask[:, None] & k_mask[None, :]
-    x = tl.load(x_ptr + rm[:, None] * stride_x + k[None, :], mask=tile, other=0.0)  # [BLOCK_M, BLOCK_K]
-    if ADD:  # the residual stream is stored in x's dtype: normalise exactly what is stored
-        d = tl.load(delta_ptr + rm[:, None] * stride_delta + k[None, :], mask=tile, other=0.0)
-        x = (x.to(tl.float32) + d.to(tl.float32)).to(x_ptr.dtype.element_ty)
-    n = x.to(tl.float32)
-    if LN:  # two-pass statistics (mean, then the centred variance), as layer_norm
-        mean = tl.sum(n, axis=1) / K
-        centred = tl.where(tile, n - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / K + eps)
-        n = centred * rstd[:, None] * gain[None, :] + shift[None, :]
+    s, n = add_norm_rows(x_ptr, delta_ptr, rm, k, tile, stride_x, stride_delta, gain, shift, K, eps, ADD, LN)
     if STORE_RES:
         if pid_n == 0:
-            kept = n if KEEP_NORM else x.to(tl.float32)
+            kept = n if KEEP_NORM else s
             tl.store(res_ptr + rm[:, None] * stride_res + k[None, :], kept.to(res_ptr.dtype.element_ty), mask=tile)
     h = n.to(w_ptr.dtype.element_ty)  # the GEMM's input, rounded as an unfused LayerNorm would store it
     acc = tl.dot(h.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N] fp32

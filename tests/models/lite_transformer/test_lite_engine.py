@@ -240,14 +240,15 @@ def test_engine_int8_matches_reference_on_the_same_weights(loaded, expected):
     assert_same(engine.generate(src, options, 10), reference_search(reference, src, options, 10), tol=1e-4)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("group", [16, None])
-def test_engine_int8_keeps_the_fp32_hypotheses(loaded, expected, group, dtype):
+def test_engine_int8_keeps_the_fp32_hypotheses(loaded, expected, group):
     """INT8 against the fp32 reference path (unquantised): the fixture's hypotheses survive with the default
     group-wise scales (16 inputs per scale); with per-channel scales the first sentence's best hypothesis flips
-    (measured here and on the H200). The fixture's first sentence is a near-tie at INT8 noise: on this CPU groups
-    of 32 keep it in fp32 but not in fp16, groups of 8 lose it; the default is what kept it everywhere."""
-    engine = cpu_engine(loaded.model, quantize="int8", int8_group=group, dtype=dtype)
+    (measured here and on the H200). The fixture's first sentence is a near-tie at INT8 noise: groups of 32 keep
+    it in fp32, groups of 8 lose it. Activations stay fp32 here: fp16 matmuls on a CPU round differently from one
+    CPU to another (the GPU machine's CPU flipped this near-tie at groups of 16 where CI's did not); INT8 with
+    fp16 activations is checked on the GPU (``test_cuda_engine_on_fixture``, ``..._wmt_size_random_inputs``)."""
+    engine = cpu_engine(loaded.model, quantize="int8", int8_group=group, dtype=torch.float32)
     options = BeamSearchOptions(4, 0.6, nbest=4)
     src = fixture_src(expected)
     got = [[h.tokens for h in sentence] for sentence in engine.generate(src, options, 10)]

@@ -86,6 +86,7 @@ class BeamSearchState:
         self.fin_cumulative = torch.zeros(B * (k + 1), T + 1, **f32)  # cumulative scores up to fin_step
         self.fin_step = torch.zeros(B * (k + 1), **long)
         self.fin_order = torch.arange(B * (k + 1), device=dev).view(B, k + 1)  # flat slot of (sentence, slot)
+        self.ticket = torch.zeros(1, dtype=torch.int32, device=dev)  # the selection kernel's programs done (0 between)
         self._host: tuple[Tensor, ...] | None = None  # pinned copies of the finished hypotheses (CUDA)
 
     def reset(self, max_len: int) -> None:
@@ -104,6 +105,7 @@ class BeamSearchState:
         self.reorder_rows.copy_(torch.arange(self.N, device=self.device))
         self.n_finished.zero_()
         self.fin_step.zero_()
+        self.ticket.zero_()
 
     def advance(self, lprobs: Tensor) -> None:
         """One step from the next-token log-probabilities ``lprobs`` [N, V] (float32, modified in place):

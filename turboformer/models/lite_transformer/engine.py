@@ -17,10 +17,12 @@ One replayed step (N = sentences x beam rows; shapes for the WMT En-De size: C =
         runs alongside the attention branch launched before it (``overlap``: the two share no buffer)
       both branches write their columns of one buffer m = [attn | conv]
       x = LayerNorm(x + m @ W_out^T + b_out)   one GEMM (block-diagonal [out_proj | linear2])
-      x = LayerNorm(x + cross_out(decode_attention(cross_q(x), encoder K/V)))
+      x = LayerNorm(x + cross_out(attention(cross_q(x), encoder K/V)))   the add + LayerNorm, cross_q and the
+        attention in one launch per (sentence, head) (kernels/norm_cross_attention.py; the beams share the K/V)
       x = LayerNorm(x + fc2(act(fc1(x))))
-    each "x = LayerNorm(x + delta)" runs in the prologue of the next sublayer's first GEMM (in_proj, cross_q,
-    fc1 + ReLU: kernels/norm_linear.py), which also stores the new x; INT8 weights run it as add_layer_norm
+    each "x = LayerNorm(x + delta)" runs in the prologue of the next sublayer's first launch (in_proj, fc1 + ReLU:
+    kernels/norm_linear.py; the cross-attention's), which also stores the new x; INT8 weights run it as
+    add_layer_norm, and their cross sublayer as cross_q then decode_attention
     BeamSearchState.advance_logits(x @ E^T, fp32 from the GEMM's accumulator): log_softmax in fp32, masks,
     top 2k, finished hypotheses, and the row table reordered by the chosen beams (the caches stay: each key and
     convolution input stays in the row that computed it), in two kernels (kernels/beam_search_step.py)
@@ -55,11 +57,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from turboformer.kernels import utils
 from turboformer.kernels.decode_attention import decode_attention
 from turboformer.kernels.dynamic_conv import dynamic_conv_step_rows
 from turboformer.kernels.dynamic_conv_branch import dynamic_conv_branch_step
 from turboformer.kernels.embed_step import embed_step
 from turboformer.kernels.layer_norm import add_layer_norm, layer_norm
+from turboformer.kernels.norm_cross_attention import norm_cross_attention
 from turboformer.kernels.norm_linear import MAX_FEATURES, norm_linear
 from turboformer.models.lite_transformer.device_search import BeamSearchState
 from turboformer.models.lite_transformer.dynamic_conv import (
@@ -242,6 +246,11 @@ class LiteTransformerEngine:
         self.conv_dim_max = self.n_conv = 0
         self.layers = [self._convert(layer, dtype, int8) for layer in decoder.layers]
         self.cross_heads, self.cross_head_dim = self.layers[0].cross_heads, decoder.layers[0].cross_attn.head_dim
+        # every layer's encoder-decoder K and V projections as one GEMM over the encoder output: [L 2 H D, C_enc]
+        projections = [p for layer in decoder.layers for p in (layer.cross_attn.k_proj, layer.cross_attn.v_proj)]
+        self.cross_kv_weight = torch.cat([p.weight for p in projections]).detach()
+        self.cross_kv_bias = torch.cat([p.bias if p.bias is not None else torch.zeros_like(p.weight[:, 0])
+                                        for p in projections]).detach()  # fmt: skip
         self.use_graphs = options.cuda_graphs and self.device.type == "cuda"
         self.slots: dict[tuple[int, int, int, int], _Slot] = {}
         self.graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
@@ -332,6 +341,15 @@ class LiteTransformerEngine:
         """Whether ``linear`` runs through norm_linear: fp16/bf16 weights of at most its ``MAX_FEATURES`` inputs."""
         return not linear.int8 and linear.in_features <= MAX_FEATURES
 
+    def _one_wave(self, slot: _Slot) -> bool:
+        """Whether the cross sublayer runs as one norm_cross_attention launch: when its programs (sentences x
+        heads; one resident per SM: 8 warps of ~180 registers) fit in one wave. More waves lose to the two
+        launches (H200, 64 one-beam rows: 512 programs take 18 us). Always on CPU, where both are references
+        (or the interpreter in tests)."""
+        if self.device.type != "cuda":
+            return True
+        return slot.sentences * self.cross_heads <= utils.multiprocessor_count(self.device)
+
     def _linear(self, linear: PackedLinear, x: Tensor) -> Tensor:
         """``x @ W^T + b``: the norm_linear kernel without its prologue for fp16/bf16 weights (at 64 rows of 496
         features on an H200 ~2.7 us against cuBLAS's ~4.2), the packed layer (cuBLAS, INT8) otherwise."""
@@ -388,10 +406,18 @@ class LiteTransformerEngine:
     def _cross(self, slot: _Slot, i: int, layer: _Layer, x: Tensor, pending: tuple) -> tuple[Tensor, Tensor]:
         """Encoder-decoder attention: (its output, the residual stream)."""
         N, H, D = x.shape[0], self.cross_heads, self.cross_head_dim
-        q, x = self._first_linear(x, pending, layer.cross_q)
         kv = slot.cross_kv[i]  # [2, N, H, S, D]
-        # the encoder K/V were written before the step: each split loads its first tile before it waits (PDL)
-        a = decode_attention(q.view(N, H, D), kv[0], kv[1], slot.cross_lengths, D**-0.5, prefetch="all")
+        delta, norm = pending
+        if self._fused(layer.cross_q) and delta is not None and norm is not None and self._one_wave(slot):
+            # one launch: the add + LayerNorm, each head's query projection and the attention over the encoder
+            # K/V of the sentence (its beam rows share them: group = beam)
+            a, x = norm_cross_attention(x, delta, layer.cross_q.weight, layer.cross_q.bias, norm[:2], kv[0], kv[1],
+                                        slot.cross_lengths, D**-0.5, group=slot.beam, eps=norm[2],
+                                        keep="sum" if self.pre_norm else "norm")  # fmt: skip
+        else:
+            q, x = self._first_linear(x, pending, layer.cross_q)
+            # the encoder K/V were written before the step: each split loads its first tile before it waits (PDL)
+            a = decode_attention(q.view(N, H, D), kv[0], kv[1], slot.cross_lengths, D**-0.5, prefetch="all")
         return self._linear(layer.cross_out, a.reshape(N, H * D)), x
 
     def _step(self, slot: _Slot) -> None:
@@ -493,12 +519,13 @@ class LiteTransformerEngine:
         out = self.model.encoder.encode(tokens, pad).out  # [sentences, S, C]
         order = torch.sort(pad.to(torch.uint8), dim=1, stable=True).indices  # real tokens first, in order
         out = out.gather(1, order[..., None].expand_as(out))
-        rows = slot.beam_rows  # [N]: sentence of each beam row
-        slot.cross_lengths.copy_((~pad).sum(dim=1).index_select(0, rows))
-        for i, layer in enumerate(self.model.decoder.layers):
-            k, v = layer.cross_attn.project_kv(out)  # [sentences, H, S, D], the model's own projection
-            slot.cross_kv[i, 0, :, :, :S] = k.index_select(0, rows)
-            slot.cross_kv[i, 1, :, :, :S] = v.index_select(0, rows)
+        slot.cross_lengths.copy_((~pad).sum(dim=1).index_select(0, slot.beam_rows))
+        # every layer's K and V in one GEMM ([sentences, S, L 2 H D]), then one copy into the beam rows
+        L, H, D = len(self.layers), self.cross_heads, self.cross_head_dim
+        kv = F.linear(out, self.cross_kv_weight, self.cross_kv_bias).view(slot.sentences, S, L, 2, H, D)
+        kv = kv.permute(2, 3, 0, 4, 1, 5)[:, :, :, None]  # [L, 2, sentences, 1, H, S, D]
+        rows = slot.cross_kv.view(L, 2, slot.sentences, slot.beam, H, slot.cross_kv.shape[-2], D)
+        rows[..., :S, :].copy_(kv.expand(-1, -1, -1, slot.beam, -1, -1, -1))
 
     @torch.inference_mode()
     def generate(self, src_tokens: Tensor, options: BeamSearchOptions, max_len: int) -> list[list[Hypothesis]]:
