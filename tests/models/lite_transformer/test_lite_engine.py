@@ -225,6 +225,20 @@ def test_engine_all_branch_kinds(normalize_before, beam):
         assert_same(engine.generate(src, options, 11), reference_search(model, src, options, 11))
 
 
+@pytest.mark.parametrize("normalize_before", [False, True])
+def test_engine_cross_sublayer_in_two_launches(normalize_before, monkeypatch):
+    """The cross sublayer's two-launch form (cross_q's norm_linear, then decode_attention), which a GPU takes when
+    the fused kernel's programs would not fit in one wave (on CPU the engine always takes the fused form)."""
+    model = eos_prone_model(seed=1, normalize_before=normalize_before)
+    engine = cpu_engine(model, sentence_buckets=(8,))
+    calls = []
+    monkeypatch.setattr(LiteTransformerEngine, "_one_wave", lambda self, slot: calls.append(slot) or False)
+    options = BeamSearchOptions(3, 1.0, nbest=3)
+    src = random_src(5, 6, 30, seed=0)
+    assert_same(engine.generate(src, options, 11), reference_search(model, src, options, 11))
+    assert calls  # the engine asked, and took the two launches
+
+
 def test_engine_int8_matches_reference_on_the_same_weights(loaded, expected):
     """INT8 engine (decoder linears; vocabulary projection and encoder-decoder K/V projections kept exact) against
     the reference path on a model whose same linears are :class:`Int8Linear`: both use the dequantised weights."""
