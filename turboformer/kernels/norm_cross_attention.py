@@ -34,7 +34,8 @@ import torch
 
 from turboformer.kernels import utils
 from turboformer.kernels.decode_attention import decode_attention_ref
-from turboformer.kernels.norm_linear import KEEP, add_norm_rows, norm_linear_ref
+from turboformer.kernels.norm_linear import _check as _check_norm_linear
+from turboformer.kernels.norm_linear import add_norm_rows, norm_linear_ref
 from turboformer.kernels.utils import KernelInputError, tl, triton
 
 MAX_FEATURES = 1024  # C: the rows and the projection's weight slice are held whole
@@ -134,16 +135,10 @@ def _norm_cross_attention_kernel(
 
 
 def _check(x, delta, weight, bias, ln, k, v, lengths, group, keep) -> tuple[int, int, int, int, int]:
-    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
-        raise KernelInputError(f"x must be [N, C] and weight [H * D, C], got {list(x.shape)} and {list(weight.shape)}")
-    utils.check_float("x", x)
-    utils.check_float("weight", weight)
-    utils.check_float("delta", delta)
-    if x.dtype not in (weight.dtype, torch.float32):
-        raise KernelInputError(f"x must be float32 or the weight's dtype {weight.dtype}, got {x.dtype}")
-    if delta.shape != x.shape:
-        raise KernelInputError(f"delta must have x's shape {list(x.shape)}, got {list(delta.shape)}")
-    N, C = x.shape
+    """Returns (N, C, H, S, D): the prologue and projection's inputs as norm_linear checks them, then the rest."""
+    if delta is None or ln is None:
+        raise KernelInputError("norm_cross_attention needs delta and ln: the residual add + LayerNorm it fuses")
+    N, _, C = _check_norm_linear(x, weight, None, delta, ln, keep)  # the bias once the heads are known
     if k.dim() != 4 or v.shape != k.shape or k.shape[0] != N:
         raise KernelInputError(f"k and v must be [N={N}, H, S, D], got {list(k.shape)} and {list(v.shape)}")
     if k.dtype != weight.dtype or v.dtype != weight.dtype:
@@ -153,14 +148,10 @@ def _check(x, delta, weight, bias, ln, k, v, lengths, group, keep) -> tuple[int,
         raise KernelInputError(f"weight must be [H * D = {H * D}, C], got {list(weight.shape)}")
     if bias is not None:
         utils.check_vector("bias", bias, H * D)
-    utils.check_vector("ln weight", ln[0], C)
-    utils.check_vector("ln bias", ln[1], C)
     if lengths.shape != (N,) or lengths.dtype not in (torch.int32, torch.int64):
         raise KernelInputError(f"lengths must be int32/int64 of shape [{N}], got {list(lengths.shape)} {lengths.dtype}")
     if group < 1 or N % group:
         raise KernelInputError(f"group must be a positive divisor of the {N} rows, got {group}")
-    if keep not in KEEP:
-        raise KernelInputError(f"keep must be one of {KEEP}, got {keep!r}")
     return N, C, H, S, D
 
 

@@ -151,10 +151,11 @@ class BeamSearchState:
         positional = cumulative.clone()
         positional[:, 1:] = cumulative[:, 1:] - cumulative[:, :-1]  # cumulative -> per token, float32
         scores = cumulative.gather(1, steps[:, None])[:, 0]  # the cumulative score at </s>
+        steps = steps.tolist()
         if self.options.normalize_scores:
-            lengths = torch.tensor([(s + 1) ** self.options.lenpen for s in steps.tolist()], dtype=torch.float64)
+            lengths = torch.tensor([(s + 1) ** self.options.lenpen for s in steps], dtype=torch.float64)
             scores = scores / lengths.to(torch.float32)
-        steps, tokens, positional, scores = steps.tolist(), tokens.tolist(), positional.tolist(), scores.tolist()
+        tokens, positional, scores = tokens.tolist(), positional.tolist(), scores.tolist()
         out = []
         for b in range(B):
             sentence = []

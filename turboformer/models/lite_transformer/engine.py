@@ -120,11 +120,15 @@ def _ln(norm: torch.nn.LayerNorm, dtype: torch.dtype) -> tuple[Tensor, Tensor, f
     return norm.weight.detach().to(dtype).contiguous(), norm.bias.detach().to(dtype).contiguous(), norm.eps
 
 
+def _qkv(module: MultiheadAttention) -> tuple[Tensor, Tensor]:
+    """A self-attention module's q, k, v projections as one: (W [3 d, d], b [3 d])."""
+    qkv = [module.q_proj, module.k_proj, module.v_proj]
+    return torch.cat([p.weight for p in qkv]).detach(), torch.cat([p.bias for p in qkv]).detach()
+
+
 def _packed_attention(module: MultiheadAttention) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(W_qkv^T [d, 3 d], b_qkv, W_out^T [d, d], b_out) of a self-attention module, contiguous."""
-    qkv = [module.q_proj, module.k_proj, module.v_proj]
-    weight = torch.cat([p.weight for p in qkv]).detach()
-    bias = torch.cat([p.bias for p in qkv]).detach()
+    weight, bias = _qkv(module)
     out = module.out_proj
     return weight.t().contiguous(), bias, out.weight.detach().t().contiguous(), out.bias.detach()
 
@@ -276,8 +280,7 @@ class LiteTransformerEngine:
         # every layer's encoder-decoder K and V projections as one GEMM over the encoder output: [L 2 H D, C_enc]
         projections = [p for layer in decoder.layers for p in (layer.cross_attn.k_proj, layer.cross_attn.v_proj)]
         self.cross_kv_weight = torch.cat([p.weight for p in projections]).detach()
-        self.cross_kv_bias = torch.cat([p.bias if p.bias is not None else torch.zeros_like(p.weight[:, 0])
-                                        for p in projections]).detach()  # fmt: skip
+        self.cross_kv_bias = torch.cat([p.bias for p in projections]).detach()
         self.use_graphs = options.cuda_graphs and self.device.type == "cuda"
         self.slots: dict[tuple[int, int, int, int], _Slot] = {}
         self.graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
@@ -290,8 +293,7 @@ class LiteTransformerEngine:
         in_blocks, out_blocks, branches, offset, out_offset = [], [], [], 0, 0
         for module, dim in zip(layer.lsra.branches, layer.lsra.dims):
             if isinstance(module, MultiheadAttention):
-                qkv = [module.q_proj, module.k_proj, module.v_proj]
-                in_blocks.append((torch.cat([p.weight for p in qkv]).detach(), torch.cat([p.bias for p in qkv]).detach()))
+                in_blocks.append(_qkv(module))
                 out_blocks.append(_linear_or_identity(module.out_proj, dim, device))
                 group = (module.heads, module.head_dim)
                 index = self.attn_groups.get(group, 0)
@@ -434,8 +436,8 @@ class LiteTransformerEngine:
         """Encoder-decoder attention: (its output, the residual stream)."""
         N, H, D = x.shape[0], self.cross_heads, self.cross_head_dim
         kv = slot.cross_kv[i]  # [2, N, H, S, D]
-        delta, norm = pending
-        if self._fused(layer.cross_q) and delta is not None and norm is not None and self._one_wave(slot):
+        if self._fused(layer.cross_q) and self._one_wave(slot):
+            delta, norm = pending  # after the LSRA sublayer: its output and the LayerNorm to apply, both set
             # one launch: the add + LayerNorm, each head's query projection and the attention over the encoder
             # K/V of the sentence (its beam rows share them: group = beam)
             a, x = norm_cross_attention(x, delta, layer.cross_q.weight, layer.cross_q.bias, norm[:2], kv[0], kv[1],
@@ -551,8 +553,8 @@ class LiteTransformerEngine:
         L, H, D = len(self.layers), self.cross_heads, self.cross_head_dim
         kv = F.linear(out, self.cross_kv_weight, self.cross_kv_bias).view(slot.sentences, S, L, 2, H, D)
         kv = kv.permute(2, 3, 0, 4, 1, 5)[:, :, :, None]  # [L, 2, sentences, 1, H, S, D]
-        rows = slot.cross_kv.view(L, 2, slot.sentences, slot.beam, H, slot.cross_kv.shape[-2], D)
-        rows[..., :S, :].copy_(kv.expand(-1, -1, -1, slot.beam, -1, -1, -1))
+        by_beam = slot.cross_kv.view(L, 2, slot.sentences, slot.beam, H, slot.cross_kv.shape[-2], D)
+        by_beam[..., :S, :].copy_(kv.expand(-1, -1, -1, slot.beam, -1, -1, -1))
 
     def _encoder(self, tokens: Tensor, pad: Tensor) -> Tensor:
         """The model's encoder (:meth:`.model.Encoder.encode`) in fewer launches: each attention branch as one qkv
