@@ -127,35 +127,6 @@ def test_pos_bias_attention(batch, t, s, heads, d, p_batch, layout, mask_kind, b
         torch.testing.assert_close(pos_bias_attention_ref(q, k, v, p, u, w, mask).double(), gold, atol=FP32_TOL, rtol=FP32_TOL)
 
 
-def sdpa_plain(q, k, v, mask):
-    """The gold result without the position term: SDPA over q [B, T, H, D] (transposed) and k, v; rows with no
-    allowed key zeroed. Returns [B, T, H, D]."""
-    queries = q.transpose(1, 2)
-    if mask is None:
-        return F.scaled_dot_product_attention(queries, k, v).transpose(1, 2)
-    any_key = mask.any(dim=-1, keepdim=True)
-    out = F.scaled_dot_product_attention(queries, k, v, attn_mask=(mask | ~any_key).unsqueeze(1))
-    return out.masked_fill(~any_key.unsqueeze(1), 0.0).transpose(1, 2)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("mask_kind", ["padding", "chunk", None])
-def test_plain_attention_without_the_position_term(mask_kind, dtype):
-    """p, pos_bias_u and pos_bias_v None: masked attention (the Lite Transformer encoder), kernel and reference
-    against SDPA in fp64; D = 24 pads to 32, q and k/v are views of fused projections."""
-    q, k, v, _, _, _ = make_inputs(2, 35, 35, 3, 24, dtype, 1, "fused")
-    mask = make_mask(mask_kind, 2, 35, 35)
-    gold = sdpa_plain(q.double(), k.double(), v.double(), mask)
-    torch_lowp = sdpa_plain(q, k, v, mask)
-    with poison_buffers():
-        out = pos_bias_attention_triton(q, k, v, None, None, None, mask, block_m=16, block_n=16)
-    assert out.shape == q.shape and out.dtype == q.dtype
-    assert_close_to_gold(out, gold, torch_lowp, fp32_tol=FP32_TOL)
-    assert_close_to_gold(pos_bias_attention_ref(q, k, v, None, None, None, mask), gold, torch_lowp, fp32_tol=FP32_TOL)
-    with pytest.raises(KernelInputError, match="all three or none"):
-        pos_bias_attention_triton(q, k, v, None, q[0, 0], None, mask)
-
-
 def test_large_logits_rescale_across_tiles():
     """Logits of std ~30 (one key wins each row, in a later tile than the first): the online softmax must
     rescale across tiles without overflow or losing the winner; with a chunk mask whose early tiles are

@@ -29,7 +29,7 @@ re-exports only the switch, so each op's name keeps naming its module.
 | ``beam_search_step.py`` | ``beam_search_step`` (fairseq's beam-search step from the logits: candidates + selection/bookkeeping) |
 | ``depthwise_conv.py`` | ``depthwise_conv1d`` (+ folded BatchNorm, SiLU; Conformer) |
 | ``window_attention.py`` | ``window_attention`` (SAM encoder attention from the fused qkv: windows, padding, rel-pos) |
-| ``pos_bias_attention.py`` | ``pos_bias_attention`` (flash attention + Transformer-XL position bias and mask; Conformer; without the position term, the Lite encoder's masked attention) |
+| ``pos_bias_attention.py`` | ``pos_bias_attention`` (flash attention + Transformer-XL position bias and mask; Conformer) |
 | ``channel_layer_norm.py`` | ``channel_layer_norm`` (bias + LayerNorm over NCHW/NHWC channels, optional GELU; SAM upscaler) |
 | ``mask_head.py`` | ``mask_head`` (ConvTranspose2d k2 s2 + GELU + hypernetwork product, fp32 logits; SAM upscaler) |
 | ``heads_attention.py`` | ``heads_attention`` (flash attention on ``[B, N, heads * D]`` projections, shared side; SAM decoder) |

@@ -1,5 +1,4 @@
-"""Flash attention with the Transformer-XL position bias and the key mask fused in (Conformer self-attention;
-without the position term, the Lite Transformer encoder's masked attention).
+"""Flash attention with the Transformer-XL position bias and the key mask fused in (Conformer self-attention).
 
 For one (batch b, head h), queries ``q_i`` (``i < T``), keys and values ``k_j, v_j`` and positional rows
 ``p_j`` (``j < S``), and the learned per-head biases ``u`` (content) and ``w`` (position)::
@@ -65,7 +64,6 @@ def _pos_bias_attention_kernel(
     stride_wh, stride_wd,
     stride_mb, stride_mt, stride_ms,  # stride_mt = 0 for a [B, 1, S] key-padding mask
     stride_ob, stride_ot, stride_oh, stride_od,
-    HAS_POS: tl.constexpr,  # False: plain attention (p, u, w absent, never read)
     HAS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -87,13 +85,10 @@ def _pos_bias_attention_kernel(
         q_ptr + b * stride_qb + h * stride_qh + m[:, None] * stride_qt + d[None, :] * stride_qd,
         mask=m_mask[:, None] & d_mask[None, :], other=0.0,
     ).to(tl.float32)  # [BLOCK_M, BLOCK_D]
-    if HAS_POS:
-        u = tl.load(u_ptr + h * stride_uh + d * stride_ud, mask=d_mask, other=0.0).to(tl.float32)  # [BLOCK_D]
-        w = tl.load(w_ptr + h * stride_wh + d * stride_wd, mask=d_mask, other=0.0).to(tl.float32)
-        qu = (q + u[None, :]).to(q_ptr.dtype.element_ty).to(DOT_DTYPE)  # padded D columns stay 0
-        qw = (q + w[None, :]).to(q_ptr.dtype.element_ty).to(DOT_DTYPE)
-    else:
-        qu = q.to(DOT_DTYPE)
+    u = tl.load(u_ptr + h * stride_uh + d * stride_ud, mask=d_mask, other=0.0).to(tl.float32)  # [BLOCK_D]
+    w = tl.load(w_ptr + h * stride_wh + d * stride_wd, mask=d_mask, other=0.0).to(tl.float32)
+    qu = (q + u[None, :]).to(q_ptr.dtype.element_ty).to(DOT_DTYPE)  # padded D columns stay 0
+    qw = (q + w[None, :]).to(q_ptr.dtype.element_ty).to(DOT_DTYPE)
 
     m_i = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)  # running max, base-2 units
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # softmax denominator relative to m_i
@@ -107,10 +102,9 @@ def _pos_bias_attention_kernel(
         n_mask = n < S
         kd_mask = d_mask[:, None] & n_mask[None, :]
         kt = tl.load(k_base + n[None, :] * stride_ks, mask=kd_mask, other=0.0).to(DOT_DTYPE)  # [BLOCK_D, BLOCK_N]
+        pt = tl.load(p_base + n[None, :] * stride_ps, mask=kd_mask, other=0.0).to(DOT_DTYPE)  # [BLOCK_D, BLOCK_N]
         s = tl.dot(qu, kt, input_precision=PRECISION)  # (a) + (c): content
-        if HAS_POS:
-            pt = tl.load(p_base + n[None, :] * stride_ps, mask=kd_mask, other=0.0).to(DOT_DTYPE)  # [BLOCK_D, BLOCK_N]
-            s = tl.dot(qw, pt, acc=s, input_precision=PRECISION)  # (b) + (d): position
+        s = tl.dot(qw, pt, acc=s, input_precision=PRECISION)  # (b) + (d): position
         s = s * qk_scale  # [BLOCK_M, BLOCK_N]
         allowed = m_mask[:, None] & n_mask[None, :]
         if HAS_MASK:
@@ -141,15 +135,11 @@ def _pos_bias_attention_kernel(
 
 def _check(q, k, v, p, u, w, mask) -> None:
     """Validate shapes and dtypes (see :func:`pos_bias_attention`)."""
-    if (p is None) != (u is None) or (p is None) != (w is None):
-        raise KernelInputError("p, pos_bias_u and pos_bias_v come together: give all three or none")
-    given = [(name, t) for name, t in (("q", q), ("k", k), ("v", v), ("p", p), ("pos_bias_u", u), ("pos_bias_v", w))
-             if t is not None]  # fmt: skip
-    for name, t in given:
+    for name, t in (("q", q), ("k", k), ("v", v), ("p", p), ("pos_bias_u", u), ("pos_bias_v", w)):
         utils.check_float(name, t)
         if t.dim() != (2 if name.startswith("pos_bias") else 4):
             raise KernelInputError(f"{name} must be {2 if name.startswith('pos_bias') else 4}-D, got shape {list(t.shape)}")
-    if len({t.dtype for _, t in given}) != 1:
+    if len({q.dtype, k.dtype, v.dtype, p.dtype, u.dtype, w.dtype}) != 1:
         raise KernelInputError("q, k, v, p, pos_bias_u and pos_bias_v must share a dtype")
     batch, t, heads, d = q.shape
     if k.shape != v.shape or k.shape[0] != batch or k.shape[1] != heads or k.shape[3] != d:
@@ -158,9 +148,9 @@ def _check(q, k, v, p, u, w, mask) -> None:
             f"got {list(k.shape)} and {list(v.shape)}"
         )
     s = k.shape[2]
-    if p is not None and (p.shape[0] not in (1, batch) or p.shape[1:] != k.shape[1:]):
+    if p.shape[0] not in (1, batch) or p.shape[1:] != k.shape[1:]:
         raise KernelInputError(f"p must be [1 | B, H, S, D] with [H, S, D] = {list(k.shape[1:])}, got {list(p.shape)}")
-    if u is not None and (u.shape != (heads, d) or w.shape != (heads, d)):
+    if u.shape != (heads, d) or w.shape != (heads, d):
         raise KernelInputError(
             f"pos_bias_u and pos_bias_v must be [H, D] = [{heads}, {d}], got {list(u.shape)} and {list(w.shape)}"
         )
@@ -200,9 +190,9 @@ def pos_bias_attention_triton(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    p: torch.Tensor | None,
-    pos_bias_u: torch.Tensor | None,
-    pos_bias_v: torch.Tensor | None,
+    p: torch.Tensor,
+    pos_bias_u: torch.Tensor,
+    pos_bias_v: torch.Tensor,
     mask: torch.Tensor | None = None,
     *,
     block_m: int | None = None,
@@ -214,7 +204,7 @@ def pos_bias_attention_triton(
     shape-based defaults, for tests and tuning.
     """
     _check(q, k, v, p, pos_bias_u, pos_bias_v, mask)
-    utils.check_launchable(*(t for t in (q, k, v, p, pos_bias_u, pos_bias_v, mask) if t is not None))
+    utils.check_launchable(q, k, v, p, pos_bias_u, pos_bias_v, *([] if mask is None else [mask]))
     for name, block in (("block_m", block_m), ("block_n", block_n)):
         if block is not None and (block < 16 or block & (block - 1)):
             raise KernelInputError(f"{name} must be a power of two >= 16, got {block}")
@@ -224,12 +214,7 @@ def pos_bias_attention_triton(
     dot_dtype, precision = utils.dot_settings(q.dtype)
 
     # Broadcast dimensions read with stride 0: a shared p (batch 1), a key-padding mask (one row for all T).
-    has_pos = p is not None
-    if has_pos:
-        p_strides = (0 if p.shape[0] == 1 else p.stride(0), *p.stride()[1:])
-        u_strides, w_strides = pos_bias_u.stride(), pos_bias_v.stride()
-    else:  # q: never read (HAS_POS is False)
-        p, pos_bias_u, pos_bias_v, p_strides, u_strides, w_strides = q, q, q, (0, 0, 0, 0), (0, 0), (0, 0)
+    p_strides = (0 if p.shape[0] == 1 else p.stride(0), *p.stride()[1:])
     if mask is not None:
         mask_u8 = mask.view(torch.uint8)  # same bytes and strides; Triton loads bool tensors as bytes here
         mask_strides = (
@@ -242,8 +227,9 @@ def pos_bias_attention_triton(
     _pos_bias_attention_kernel[(utils.cdiv(t, block_m), batch * heads)](
         q, k, v, p, pos_bias_u, pos_bias_v, mask_u8, out,
         heads, t, s, d, d**-0.5 * LOG2E,
-        *q.stride(), *k.stride(), *v.stride(), *p_strides, *u_strides, *w_strides, *mask_strides, *out.stride(),
-        HAS_POS=has_pos, HAS_MASK=mask is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        *q.stride(), *k.stride(), *v.stride(), *p_strides, *pos_bias_u.stride(), *pos_bias_v.stride(),
+        *mask_strides, *out.stride(),
+        HAS_MASK=mask is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         DOT_DTYPE=dot_dtype, PRECISION=precision, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
@@ -253,9 +239,9 @@ def pos_bias_attention_ref(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    p: torch.Tensor | None,
-    pos_bias_u: torch.Tensor | None,
-    pos_bias_v: torch.Tensor | None,
+    p: torch.Tensor,
+    pos_bias_u: torch.Tensor,
+    pos_bias_v: torch.Tensor,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """PyTorch reference: WeNet's own sequence of operations (``RelPositionMultiHeadedAttention.forward``
@@ -263,14 +249,11 @@ def pos_bias_attention_ref(
     ``[B, H, T, S]`` matmuls, their sum divided by sqrt(D), a masked softmax in float32, masked_fill(0),
     the weights cast to v's dtype and multiplied with v. Returns ``[B, T, H, D]`` contiguous."""
     _check(q, k, v, p, pos_bias_u, pos_bias_v, mask)
-    if p is None:  # plain attention
-        scores = (torch.matmul(q.transpose(1, 2), k.transpose(-2, -1)) / math.sqrt(q.size(-1))).float()
-    else:
-        q_u = (q + pos_bias_u).transpose(1, 2)  # [B, H, T, D]
-        q_v = (q + pos_bias_v).transpose(1, 2)
-        matrix_ac = torch.matmul(q_u, k.transpose(-2, -1))  # [B, H, T, S] content terms
-        matrix_bd = torch.matmul(q_v, p.transpose(-2, -1))  # [B, H, T, S] position terms
-        scores = ((matrix_ac + matrix_bd) / math.sqrt(q.size(-1))).float()
+    q_u = (q + pos_bias_u).transpose(1, 2)  # [B, H, T, D]
+    q_v = (q + pos_bias_v).transpose(1, 2)
+    matrix_ac = torch.matmul(q_u, k.transpose(-2, -1))  # [B, H, T, S] content terms
+    matrix_bd = torch.matmul(q_v, p.transpose(-2, -1))  # [B, H, T, S] position terms
+    scores = ((matrix_ac + matrix_bd) / math.sqrt(q.size(-1))).float()
     if mask is not None:
         blocked = ~mask.unsqueeze(1)  # [B, 1, 1 | T, S]
         weights = torch.softmax(scores.masked_fill(blocked, -math.inf), dim=-1).masked_fill(blocked, 0.0)
@@ -284,20 +267,18 @@ def pos_bias_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    p: torch.Tensor | None,
-    pos_bias_u: torch.Tensor | None,
-    pos_bias_v: torch.Tensor | None,
+    p: torch.Tensor,
+    pos_bias_u: torch.Tensor,
+    pos_bias_v: torch.Tensor,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Conformer relative-position self-attention: ``softmax(((q+u) k^T + (q+w) p^T) / sqrt(D), mask) v``; with
-    ``p``, ``pos_bias_u`` and ``pos_bias_v`` all None, plain masked attention ``softmax(q k^T / sqrt(D), mask) v``
-    (the Lite Transformer encoder's attention branch).
+    """Conformer relative-position self-attention: ``softmax(((q+u) k^T + (q+w) p^T) / sqrt(D), mask) v``.
 
     Args:
         q: ``[B, T, H, D]`` queries (``linear_q``'s output viewed per head, not transposed); any strides.
         k, v: ``[B, H, S, D]`` keys and values (may be views of one fused tensor); any strides.
-        p: ``[1 | B, H, S, D]`` positional rows of the S keys (``linear_pos(pos_emb)`` per head), or None.
-        pos_bias_u, pos_bias_v: ``[H, D]`` the content and position biases (Transformer-XL's u and v), or None.
+        p: ``[1 | B, H, S, D]`` positional rows of the S keys (``linear_pos(pos_emb)`` per head).
+        pos_bias_u, pos_bias_v: ``[H, D]`` the content and position biases (Transformer-XL's u and v).
         mask: ``[1 | B, 1 | T, S]`` bool, True = may attend; None attends everywhere. Query rows with no
             allowed key give zeros.
         All float tensors share one dtype (fp32/fp16/bf16).

@@ -65,7 +65,6 @@ from turboformer.kernels.embed_step import embed_step
 from turboformer.kernels.layer_norm import add_layer_norm, layer_norm
 from turboformer.kernels.norm_cross_attention import norm_cross_attention
 from turboformer.kernels.norm_linear import MAX_FEATURES, norm_linear
-from turboformer.kernels.pos_bias_attention import pos_bias_attention
 from turboformer.models.lite_transformer.device_search import BeamSearchState
 from turboformer.models.lite_transformer.dynamic_conv import (
     DynamicConv,
@@ -126,13 +125,6 @@ def _qkv(module: MultiheadAttention) -> tuple[Tensor, Tensor]:
     return torch.cat([p.weight for p in qkv]).detach(), torch.cat([p.bias for p in qkv]).detach()
 
 
-def _packed_attention(module: MultiheadAttention) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(W_qkv^T [d, 3 d], b_qkv, W_out^T [d, d], b_out) of a self-attention module, contiguous."""
-    weight, bias = _qkv(module)
-    out = module.out_proj
-    return weight.t().contiguous(), bias, out.weight.detach().t().contiguous(), out.bias.detach()
-
-
 def _block_diagonal(blocks: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
     """[(W_i [out_i, in_i], b_i [out_i])] -> W [sum out, sum in] with W_i on the diagonal, b [sum out] (fp32).
     Zero blocks add exact zeros to the fp32 accumulation: each output equals its own branch's projection."""
@@ -191,17 +183,6 @@ class _Layer:
     fc1: PackedLinear
     fc2: PackedLinear
     ffn_norm: tuple
-
-
-@dataclass
-class _EncoderAttention:
-    """An encoder attention branch: q, k, v in one GEMM and the out-projection, weights pre-transposed."""
-
-    qkv_t: Tensor  # [d, 3 d]
-    qkv_bias: Tensor  # [3 d]
-    out_t: Tensor  # [d, d]
-    out_bias: Tensor  # [d]
-    heads: int
 
 
 @dataclass
@@ -271,12 +252,6 @@ class LiteTransformerEngine:
         self.conv_dim_max = self.n_conv = 0
         self.layers = [self._convert(layer, dtype, int8) for layer in decoder.layers]
         self.cross_heads, self.cross_head_dim = self.layers[0].cross_heads, decoder.layers[0].cross_attn.head_dim
-        # the encoder's attention branches, packed (its other modules run as they are, see _encoder_lsra)
-        self.encoder_attention = [
-            {j: _EncoderAttention(*_packed_attention(branch), branch.heads)
-             for j, branch in enumerate(layer.lsra.branches) if isinstance(branch, MultiheadAttention)}
-            for layer in self.model.encoder.layers
-        ]  # fmt: skip
         # every layer's encoder-decoder K and V projections as one GEMM over the encoder output: [L 2 H D, C_enc]
         projections = [p for layer in decoder.layers for p in (layer.cross_attn.k_proj, layer.cross_attn.v_proj)]
         self.cross_kv_weight = torch.cat([p.weight for p in projections]).detach()
@@ -545,7 +520,7 @@ class LiteTransformerEngine:
         """Device work of :meth:`encode` for the static sources ``tokens`` [sentences, S]: no host sync."""
         S = tokens.size(1)
         pad = tokens.eq(self.padding_idx)  # [sentences, S]; all False without padding (the same as no mask)
-        out = self._encoder(tokens, pad)  # [sentences, S, C]
+        out = self.model.encoder.encode(tokens, pad).out  # [sentences, S, C]
         order = torch.sort(pad.to(torch.uint8), dim=1, stable=True).indices  # real tokens first, in order
         out = out.gather(1, order[..., None].expand_as(out))
         slot.cross_lengths.copy_((~pad).sum(dim=1).index_select(0, slot.beam_rows))
@@ -555,43 +530,6 @@ class LiteTransformerEngine:
         kv = kv.permute(2, 3, 0, 4, 1, 5)[:, :, :, None]  # [L, 2, sentences, 1, H, S, D]
         by_beam = slot.cross_kv.view(L, 2, slot.sentences, slot.beam, H, slot.cross_kv.shape[-2], D)
         by_beam[..., :S, :].copy_(kv.expand(-1, -1, -1, slot.beam, -1, -1, -1))
-
-    def _encoder(self, tokens: Tensor, pad: Tensor) -> Tensor:
-        """The model's encoder (:meth:`.model.Encoder.encode`) in fewer launches: each attention branch as one qkv
-        GEMM, one masked flash attention (``pos_bias_attention`` without its position term) and one out-projection
-        GEMM; every residual add + LayerNorm one launch. tokens, pad [B, S] -> [B, S, C]."""
-        encoder = self.model.encoder
-        x = encoder.embed(tokens)
-        attend = (~pad)[:, None, :]  # [B, 1, S]: keys each query may attend
-        for layer, attention in zip(encoder.layers, self.encoder_attention):
-            x = self._encoder_sublayer(x, layer.lsra_norm, lambda h: self._encoder_lsra(layer.lsra, attention, h, pad,
-                                                                                        attend))  # fmt: skip
-            x = self._encoder_sublayer(x, layer.ffn_norm, layer.ffn)
-        return x if encoder.final_norm is None else layer_norm(x, *_ln(encoder.final_norm, x.dtype))
-
-    def _encoder_sublayer(self, x: Tensor, norm: torch.nn.LayerNorm, sublayer) -> Tensor:
-        """post-norm: LayerNorm(x + f(x)); pre-norm: x + f(LayerNorm(x)) (the model's residual functions)."""
-        gain, shift, eps = _ln(norm, x.dtype)
-        if self.config.encoder.normalize_before:
-            return x + sublayer(layer_norm(x, gain, shift, eps))
-        return add_layer_norm(x, sublayer(x), gain, shift, eps)[1]
-
-    @staticmethod
-    def _encoder_lsra(lsra, attention: dict[int, _EncoderAttention], x: Tensor, pad: Tensor, attend: Tensor) -> Tensor:
-        """The LSRA sublayer of an encoder layer (:class:`.model.MultiBranch` with its padding masks)."""
-        B, S, _ = x.shape
-        outs = []
-        for j, (branch, part) in enumerate(zip(lsra.branches, x.split(lsra.dims, dim=-1))):
-            packed = attention.get(j)
-            if packed is None:  # a convolution: its input zeroed at padding, as upstream
-                outs.append(branch(part.masked_fill(pad[..., None], 0.0)))
-                continue
-            d, H = part.shape[-1], packed.heads
-            qkv = torch.addmm(packed.qkv_bias, part.reshape(B * S, d), packed.qkv_t).view(B, S, 3, H, d // H)
-            q, k, v = qkv.unbind(2)  # [B, S, H, D] views
-            a = pos_bias_attention(q, k.transpose(1, 2), v.transpose(1, 2), None, None, None, attend)  # [B, S, H, D]
-            outs.append(torch.addmm(packed.out_bias, a.view(B * S, d), packed.out_t).view(B, S, d))
-        return torch.cat(outs, dim=-1)
 
     @torch.inference_mode()
     def generate(self, src_tokens: Tensor, options: BeamSearchOptions, max_len: int) -> list[list[Hypothesis]]:
