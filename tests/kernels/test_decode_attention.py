@@ -221,7 +221,8 @@ def test_new_kv_and_out_errors():
     cases = [
         ({"new_kv": (q, q[:1])}, "new_kv must be"),
         ({"new_kv": (q, q), "prefetch": "all_but_last"}, "prefetch='none'"),
-        ({"out": torch.empty(2, 2, 31, dtype=torch.float16, device=DEVICE)}, "out must be"),
+        ({"out": torch.empty(2, 2, 33, dtype=torch.float16, device=DEVICE)}, "out must be"),  # wider than D
+        ({"out": torch.empty(2, 3, 32, dtype=torch.float16, device=DEVICE)}, "out must be"),
         ({"out": torch.empty(2, 2, 32, device=DEVICE)}, "out must be"),
         ({"out": torch.empty(2, 2, 64, dtype=torch.float16, device=DEVICE)[..., ::2]}, "unit stride"),
     ]
@@ -231,6 +232,41 @@ def test_new_kv_and_out_errors():
                 fn(q, k, v, lengths, **kwargs)
     with pytest.raises(KernelInputError, match="needs lengths"):
         decode_attention_triton(q, k, v, None, new_kv=(q, q))
+
+
+@pytest.mark.parametrize("num_splits,counted,new_kv", [(None, False, False), (3, False, False), (3, True, False),
+                                                      (1, False, True)])  # fmt: skip
+def test_narrow_out_of_padded_heads(num_splits, counted, new_kv):
+    """Heads stored padded (30 lanes of 32, zeros past 30 in q, k, v): a narrower ``out [B, H, 30]`` takes the
+    first 30 lanes, equal to the attention over the unpadded heads (with one split, several splits and their merge
+    kernel, the last program's merge, and a new key/value stored by the launch); the lanes past it are not
+    written."""
+    b, h, s, d, padded = 3, 2, 40, 30, 32
+    g = torch.Generator().manual_seed(5)
+    q, k, v, k_new, v_new = (torch.randn(*shape, generator=g).to(DEVICE, torch.float16)
+                             for shape in [(b, h, d), (b, h, s, d), (b, h, s, d), (b, h, d), (b, h, d)])  # fmt: skip
+    lengths = torch.tensor([1, 17, 40], device=DEVICE)
+    pad = lambda t: F.pad(t, (0, padded - d))  # noqa: E731
+    kwargs = {"num_splits": num_splits, "block_s": 16}
+    if counted:
+        kwargs["counters"] = split_counters(b * h, DEVICE)
+    if new_kv:  # the gold attends the new key/value at column lengths - 1
+        kwargs["new_kv"] = (pad(k_new), pad(v_new))
+        rows = torch.arange(b, device=DEVICE)
+        k, v = k.clone(), v.clone()
+        k[rows, :, lengths - 1], v[rows, :, lengths - 1] = k_new, v_new
+    gold = sdpa(q.double(), k.double(), v.double(), lengths, 0.3)
+    for fn in (decode_attention_triton, decode_attention_ref):
+        buffer = torch.full((b, h, padded + 2), 7.0, dtype=torch.float16, device=DEVICE)
+        kp, vp = pad(k), pad(v)
+        with poison_buffers():
+            got = fn(pad(q), kp, vp, lengths, 0.3, out=buffer[..., :d], **(kwargs if fn is decode_attention_triton else
+                     {"new_kv": kwargs.get("new_kv")}))  # fmt: skip
+        assert got.shape == (b, h, d) and got.data_ptr() == buffer.data_ptr()
+        assert_close_to_gold(got, gold, sdpa(q, k, v, lengths, 0.3))
+        assert bool((buffer[..., d:] == 7).all())
+        if new_kv:  # stored padded, zeros included
+            torch.testing.assert_close(kp[rows, :, lengths - 1], pad(k_new), atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

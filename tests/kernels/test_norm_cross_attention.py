@@ -75,6 +75,25 @@ def test_kernel_matches_plain_pytorch(N, C, H, S, D, keep, group, dtype, stream)
     torch.testing.assert_close(res, ref_res, rtol=TOL[res.dtype], atol=TOL[res.dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_out_dim_of_padded_heads(dtype):
+    """Heads stored padded (10 lanes of 16: zero weight rows and bias, zero key/value lanes): ``out_dim=10`` gives
+    the unpadded heads' output, for the kernel and the reference."""
+    N, C, H, S, D, padded, group = 6, 40, 2, 20, 10, 16, 3
+    x, delta, weight, bias, ln, k, v, lengths = _inputs(N, C, H, S, D, dtype, group)
+    want_out, want_res = _plain(x, delta, weight, bias, ln, k, v, lengths, 0.5, group, "norm")
+    pad_rows = lambda t: F.pad(t.view(H, D, *t.shape[1:]), (0, 0) * (t.dim() - 1) + (0, padded - D)).flatten(0, 1)  # noqa: E731
+    args = (x, delta, pad_rows(weight), pad_rows(bias), ln, F.pad(k, (0, padded - D)), F.pad(v, (0, padded - D)))
+    for fn in (norm_cross_attention_triton, norm_cross_attention_ref):
+        with poison_buffers():
+            out, res = fn(*args, lengths, 0.5, group=group, out_dim=D)
+        assert out.shape == (N, H, D)
+        torch.testing.assert_close(out.float(), want_out, rtol=0, atol=TOL[dtype] * want_out.abs().max().item())
+        torch.testing.assert_close(res.float(), want_res, rtol=TOL[dtype], atol=TOL[dtype])
+    with pytest.raises(KernelInputError, match="out_dim"):
+        norm_cross_attention_ref(*args, lengths, 0.5, group=group, out_dim=padded + 1)
+
+
 def test_rows_of_a_group_read_the_first_rows_keys():
     """The other rows' keys are never read: changing them changes nothing; changing the first row's does."""
     args = list(_inputs(6, 40, 2, 9, 8, torch.float32, 3))

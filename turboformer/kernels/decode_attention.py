@@ -114,12 +114,13 @@ def _split_kernel(
     l_ptr,  # [B * H, num_splits] fp32 out: softmax denominator relative to m
     acc_ptr,  # [B * H, num_splits, D] fp32 out: unnormalised output relative to m
     counter_ptr,  # [>= B * H] int32, zero between launches (read only when COUNTED)
-    out_ptr,  # [B, H, D] out (written when WRITE_OUT or COUNTED)
+    out_ptr,  # [B, H, D_out] out (written when WRITE_OUT or COUNTED): the first D_out <= D lanes
     k_new_ptr,  # [B, H, D] this step's key (NEW_KV): stored at column lengths[b] - 1 of row b, attended from here
     v_new_ptr,  # [B, H, D] this step's value (NEW_KV)
     H,
     S,
     D,
+    D_out,
     num_splits,
     split_size,  # keys per split, a multiple of BLOCK_S
     qk_scale,  # softmax scale * log2(e)
@@ -239,8 +240,9 @@ def _split_kernel(
         tl.store(v_ptr + b * stride_vb + h * stride_vh + new_col * stride_vs + d * stride_vd, v_new, mask=own)
 
     out_at = out_ptr + b * stride_ob + h * stride_oh + d * stride_od
+    out_mask = d < D_out
     if WRITE_OUT:
-        tl.store(out_at, (acc / l_i).to(out_ptr.dtype.element_ty), mask=d_mask)
+        tl.store(out_at, (acc / l_i).to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
         slot = bh * num_splits + split
         tl.store(m_ptr + slot, m_i)
@@ -251,7 +253,7 @@ def _split_kernel(
             ticket = tl.atomic_add(counter_ptr + bh, 1, sem="acq_rel", scope="gpu")
             if ticket == num_splits - 1:
                 out = _merge_splits(m_ptr, l_ptr, acc_ptr, bh, num_splits, D, d, d_mask, BLOCK_SPLITS)
-                tl.store(out_at, out.to(out_ptr.dtype.element_ty), mask=d_mask)
+                tl.store(out_at, out.to(out_ptr.dtype.element_ty), mask=out_mask)
                 tl.store(counter_ptr + bh, 0)  # zero again for the next launch (every split has drawn)
 
 
@@ -260,9 +262,10 @@ def _merge_kernel(
     m_ptr,  # [B * H, num_splits] fp32
     l_ptr,  # [B * H, num_splits] fp32
     acc_ptr,  # [B * H, num_splits, D] fp32
-    out_ptr,  # [B, H, D] out
+    out_ptr,  # [B, H, D_out] out, D_out <= D
     H,
     D,
+    D_out,
     num_splits,
     stride_ob, stride_oh, stride_od,
     BLOCK_SPLITS: tl.constexpr,
@@ -278,7 +281,14 @@ def _merge_kernel(
     d_mask = d < D
     out = _merge_splits(m_ptr, l_ptr, acc_ptr, bh, num_splits, D, d, d_mask, BLOCK_SPLITS)
     tl.store(out_ptr + (bh // H) * stride_ob + (bh % H) * stride_oh + d * stride_od, out.to(out_ptr.dtype.element_ty),
-             mask=d_mask)  # fmt: skip
+             mask=d < D_out)  # fmt: skip
+
+
+def _out_dim(out: torch.Tensor | None, dim: int) -> int:
+    """The lanes ``out`` takes: all D, or its narrower last axis (heads stored padded: the first D' lanes)."""
+    if out is None or out.dim() != 3 or out.shape[-1] > dim:
+        return dim  # (a wrong shape is reported by utils.output)
+    return max(1, out.shape[-1])
 
 
 def _check(q, k, v, lengths, k_scale, v_scale) -> None:
@@ -422,7 +432,7 @@ def decode_attention_triton(
     )
     num_warps = planned_warps if num_warps is None else num_warps
 
-    out = utils.output(out, (batch, heads, dim), q.dtype, q.device)
+    out = utils.output(out, (batch, heads, _out_dim(out, dim)), q.dtype, q.device)
     if splits == 1:  # no workspace: the split kernel normalises and writes `out` itself
         m = l = acc = out
     else:
@@ -438,7 +448,7 @@ def decode_attention_triton(
     _split_kernel[(batch * heads, splits)](
         q, k, v, ks, vs, lengths if lengths is not None else q, rows if rows is not None else q,
         m, l, acc, counters if counted else q, out, k_new, v_new,
-        heads, seq, dim, splits, split_size, scale * LOG2E,
+        heads, seq, dim, out.shape[-1], splits, split_size, scale * LOG2E,
         *q.stride(), *k.stride(), *v.stride(),
         *(ks.stride(0), ks.stride(1), ks.stride(-1)),
         *(vs.stride(0), vs.stride(1), vs.stride(-1)),
@@ -449,7 +459,7 @@ def decode_attention_triton(
     )  # fmt: skip
     if splits > 1 and not counted:
         _merge_kernel[(batch * heads,)](
-            m, l, acc, out, heads, dim, splits, *out.stride(),
+            m, l, acc, out, heads, dim, out.shape[-1], splits, *out.stride(),
             BLOCK_SPLITS=utils.next_power_of_2(splits), BLOCK_D=block_d, PDL=pdl, num_warps=4, **launch,
         )  # fmt: skip
     return out
@@ -491,7 +501,10 @@ def decode_attention_ref(
         scores = scores.masked_fill(~keep[:, None, :], -math.inf)
     probs = torch.softmax(scores, dim=-1)
     result = torch.einsum("bhs,bhsd->bhd", probs, vf).to(q.dtype)
-    return result if out is None else utils.output(out, (batch, heads, dim), q.dtype, q.device).copy_(result)
+    if out is None:
+        return result
+    width = _out_dim(out, dim)
+    return utils.output(out, (batch, heads, width), q.dtype, q.device).copy_(result[..., :width])
 
 
 def decode_attention(
@@ -533,10 +546,13 @@ def decode_attention(
             ``lengths[b] - 1`` of row b (``lengths[b] >= 1``) and attended, instead of a separate
             :func:`.kv_cache_write` launch before the attention (float k/v, ``prefetch="none"``).
         out: an optional ``[B, H, D]`` destination in q's dtype (any strides with unit stride along D, e.g. a
-            branch's columns of a wider buffer).
+            branch's columns of a wider buffer), or a narrower ``[B, H, D']`` (D' < D) that takes the first D'
+            lanes: for heads stored padded to an aligned width (zeros in q's or k's extra lanes), whose output
+            goes on unpadded.
 
     Returns:
-        ``[B, H, D]`` in q's dtype (``out`` when given). Triton on CUDA, the PyTorch reference otherwise.
+        ``[B, H, D]`` in q's dtype (``out`` when given, with its width). Triton on CUDA, the PyTorch reference
+        otherwise.
     """
     options = dict(k_scale=k_scale, v_scale=v_scale, prefetch=prefetch, counters=counters, rows=rows,
                    new_kv=new_kv, out=out)  # fmt: skip

@@ -11,6 +11,10 @@ output), the query projection ``W_q [H D, C]``, ``b_q [H D]``, and the encoder's
                                   g = the first row of r's group, L = lengths[g]; fp32 scores, softmax and sum
     res = n (keep="norm": post-norm) or s (keep="sum": pre-norm), in x's dtype
 
+``out_dim`` keeps the first lanes of each head's output: an engine that stores heads padded to an aligned width
+(62 -> 64: zero rows in ``W_q``, zero key lanes) passes the padded K/V, whose rows load as 16-byte vectors, and
+gets the unpadded ``[N, H, out_dim]`` that its out-projection takes.
+
 Returns ``(out, res)``: exactly ``norm_linear(x, W_q, b_q, delta=delta, ln=ln, keep=keep)`` followed by
 ``decode_attention(q, k, v, lengths, scale)``, which is the reference (:func:`norm_cross_attention_ref`).
 
@@ -53,8 +57,8 @@ def _norm_cross_attention_kernel(
     ln_w_ptr, ln_b_ptr,  # [C] LayerNorm gain and shift
     k_ptr, v_ptr,  # [N, H, S, D] keys and values, unit stride along D (row g of each group is read)
     lengths_ptr,  # [N] keys attended by each row
-    out_ptr,  # [N, H, D] out, unit stride along D
-    N, C, S, D, GROUP_ROWS,
+    out_ptr,  # [N, H, D_out] out, unit stride along D: the first D_out <= D lanes of each head
+    N, C, S, D, D_out, GROUP_ROWS,
     stride_x, stride_delta, stride_res, stride_w,
     stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_ob, stride_oh,
     qk_scale,  # softmax scale * log2(e)
@@ -131,11 +135,12 @@ def _norm_cross_attention_kernel(
         m_i = m_new
     out = acc / l_i[:, None]
     tl.store(out_ptr + rm.to(tl.int64)[:, None] * stride_ob + h * stride_oh + d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])  # fmt: skip
+             out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & (d < D_out)[None, :])  # fmt: skip
 
 
-def _check(x, delta, weight, bias, ln, k, v, lengths, group, keep) -> tuple[int, int, int, int, int]:
-    """Returns (N, C, H, S, D): the prologue and projection's inputs as norm_linear checks them, then the rest."""
+def _check(x, delta, weight, bias, ln, k, v, lengths, group, keep, out_dim) -> tuple[int, int, int, int, int, int]:
+    """Returns (N, C, H, S, D, D_out): the prologue and projection's inputs as norm_linear checks them, then the
+    rest."""
     if delta is None or ln is None:
         raise KernelInputError("norm_cross_attention needs delta and ln: the residual add + LayerNorm it fuses")
     N, _, C = _check_norm_linear(x, weight, None, delta, ln, keep)  # the bias once the heads are known
@@ -152,7 +157,9 @@ def _check(x, delta, weight, bias, ln, k, v, lengths, group, keep) -> tuple[int,
         raise KernelInputError(f"lengths must be int32/int64 of shape [{N}], got {list(lengths.shape)} {lengths.dtype}")
     if group < 1 or N % group:
         raise KernelInputError(f"group must be a positive divisor of the {N} rows, got {group}")
-    return N, C, H, S, D
+    if out_dim is not None and not 1 <= out_dim <= D:
+        raise KernelInputError(f"out_dim must be in [1, D = {D}], got {out_dim}")
+    return N, C, H, S, D, D if out_dim is None else out_dim
 
 
 def norm_cross_attention_triton(
@@ -169,11 +176,12 @@ def norm_cross_attention_triton(
     group: int = 1,
     eps: float = 1e-5,
     keep: str = "norm",
+    out_dim: int | None = None,
     num_warps: int = 8,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """With the Triton kernel; see :func:`norm_cross_attention`. ``num_warps``: for tuning sweeps (8: the
     weight slice, 64 KB at the Lite shapes, is held in registers)."""
-    N, C, H, S, D = _check(x, delta, weight, bias, ln, k, v, lengths, group, keep)
+    N, C, H, S, D, D_out = _check(x, delta, weight, bias, ln, k, v, lengths, group, keep, out_dim)
     if C > MAX_FEATURES or D > MAX_HEAD_DIM:
         raise KernelInputError(f"norm_cross_attention_triton takes at most {MAX_FEATURES} features and heads of "
                                f"{MAX_HEAD_DIM}, got {C} and {D}")  # fmt: skip
@@ -181,7 +189,7 @@ def norm_cross_attention_triton(
     x, delta, weight = (t if t.stride(1) == 1 else t.contiguous() for t in (x, delta, weight))
     if k.stride(3) != 1 or v.stride(3) != 1:
         raise KernelInputError("k and v must have unit stride along D")
-    out = utils.empty((N, H, D), weight.dtype, x.device)
+    out = utils.empty((N, H, D_out), weight.dtype, x.device)
     res = utils.empty((N, C), x.dtype, x.device)
     if N == 0:
         return out, res
@@ -190,7 +198,7 @@ def norm_cross_attention_triton(
     scale = D**-0.5 if scale is None else scale
     _norm_cross_attention_kernel[(N // group, H)](
         x, delta, res, weight, bias if bias is not None else weight, ln[0], ln[1], k, v, lengths, out,
-        N, C, S, D, group,
+        N, C, S, D, D_out, group,
         x.stride(0), delta.stride(0), res.stride(0), weight.stride(0),
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
         float(scale) * LOG2E, float(eps),
@@ -216,14 +224,15 @@ def norm_cross_attention_ref(
     group: int = 1,
     eps: float = 1e-5,
     keep: str = "norm",
+    out_dim: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PyTorch reference: the two ops it fuses, ``norm_linear_ref`` then ``decode_attention_ref`` on the keys and
     values of each group's first row."""
-    N, C, H, S, D = _check(x, delta, weight, bias, ln, k, v, lengths, group, keep)
+    N, C, H, S, D, D_out = _check(x, delta, weight, bias, ln, k, v, lengths, group, keep, out_dim)
     q, res = norm_linear_ref(x, weight, bias, delta=delta, ln=ln, eps=eps, keep=keep)
     first = torch.arange(N, device=x.device) // group * group
     out = decode_attention_ref(q.view(N, H, D), k[first], v[first], lengths[first], scale)
-    return out, res
+    return out[..., :D_out].contiguous(), res
 
 
 def norm_cross_attention(
@@ -240,6 +249,7 @@ def norm_cross_attention(
     group: int = 1,
     eps: float = 1e-5,
     keep: str = "norm",
+    out_dim: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out [N, H, D], res [N, C])`` of the module docstring.
 
@@ -252,10 +262,12 @@ def norm_cross_attention(
         lengths: ``[N]`` int32/int64: row g attends keys ``s < lengths[g]`` (at least 1; above S acts as S).
         scale: softmax scale, default ``D ** -0.5``.
         keep: ``"norm"`` (post-norm: res is the LayerNorm's output) or ``"sum"`` (pre-norm: x + delta).
+        out_dim: the lanes of each head that ``out`` keeps (default all D): heads stored padded to an aligned
+            width (zero rows of the weight and zero bias there, zero key lanes) return ``[N, H, out_dim]``.
 
     Triton on CUDA (C <= ``MAX_FEATURES``, D <= ``MAX_HEAD_DIM``; on CPU inside :func:`.utils.launch_on_cpu` with
     the interpreter), the reference otherwise."""
-    kwargs = dict(group=group, eps=eps, keep=keep)
+    kwargs = dict(group=group, eps=eps, keep=keep, out_dim=out_dim)
     if utils.use_triton_or_interpreter(x) and x.shape[-1] <= MAX_FEATURES and k.shape[-1] <= MAX_HEAD_DIM:
         return norm_cross_attention_triton(x, delta, weight, bias, ln, k, v, lengths, scale, **kwargs)
     return norm_cross_attention_ref(x, delta, weight, bias, ln, k, v, lengths, scale, **kwargs)

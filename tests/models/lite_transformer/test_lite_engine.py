@@ -30,6 +30,8 @@ from turboformer.models.lite_transformer.device_search import (
 from turboformer.models.lite_transformer.engine import (
     EngineOptions,
     LiteTransformerEngine,
+    _pad_heads,
+    padded_head_dim,
 )
 from turboformer.models.lite_transformer.generate import (
     BeamSearch,
@@ -192,6 +194,34 @@ def test_engine_matches_reference_on_fixture(loaded, expected, beam, lenpen):
     options = BeamSearchOptions(beam, lenpen, nbest=beam)
     src = fixture_src(expected)
     assert_same(engine.generate(src, options, 10), reference_search(loaded.model, src, options, 10))
+
+
+def test_pad_heads():
+    """Each head's rows padded with zero rows to a multiple of 16 (weights and biases); widths already aligned stay."""
+    assert [padded_head_dim(d) for d in (3, 12, 16, 62, 64, 65)] == [16, 16, 16, 64, 64, 80]
+    w, b = torch.randn(3 * 5, 7), torch.randn(3 * 5)
+    for t in (w, b):
+        got = _pad_heads(t, 3, 5).view(3, 16, *t.shape[1:])
+        assert torch.equal(got[:, :5], t.view(3, 5, *t.shape[1:])) and not got[:, 5:].any()
+    aligned = torch.randn(2 * 16, 4)
+    assert torch.equal(_pad_heads(aligned, 2, 16), aligned)
+
+
+def test_engine_stores_heads_padded(loaded, expected):
+    """The fixture's heads (decoder self-attention 4 x 12, encoder-decoder 8 x 12) are cached 16 lanes wide
+    (HEAD_ALIGN), the extra lanes stay zero through a search, and the hypotheses are the reference's."""
+    engine = cpu_engine(loaded.model)
+    options = BeamSearchOptions(4, 0.6, nbest=4)
+    src = fixture_src(expected)
+    assert_same(engine.generate(src, options, 10), reference_search(loaded.model, src, options, 10))
+    (slot,) = engine.slots.values()
+    (group, cache), = slot.self_kv.items()
+    attention = loaded.model.decoder.layers[0].lsra.branches[0]
+    H, D = attention.heads, attention.head_dim
+    assert group == (H, 16) and cache.shape[-1] == 16 and D == 12
+    assert not cache[..., D:].any() and cache[..., :D].any()
+    cross_d = engine.cross_head_dim
+    assert slot.cross_kv.shape[-1] == 16 and cross_d == 12 and not slot.cross_kv[..., cross_d:].any()
 
 
 def test_engine_bucket_padding_changes_nothing(loaded, expected):

@@ -29,7 +29,8 @@ One replayed step (N = sentences x beam rows; shapes for the WMT En-De size: C =
 
 Static decoding state (per graph key ``(beam, sentence bucket, source capacity, target capacity)``):
 
-* self-attention K/V ``[n, 2, N, H, L, D]`` (one tensor per (H, D) shape) and the row table ``kv_rows [N, L]``:
+* self-attention K/V ``[n, 2, N, H, L, Dp]`` (one tensor per (H, Dp) shape; Dp: the head width padded to a
+  multiple of ``HEAD_ALIGN``, zeros in the extra lanes, see :func:`_pad_heads`) and the row table ``kv_rows [N, L]``:
   step t writes row b's key into (row b, column t) and sets ``kv_rows[b, t] = b``; a beam reorder permutes the
   table's rows, and ``decode_attention(rows=kv_rows)`` reads key s of row b from cache row ``kv_rows[b, s]``.
   Each (row, column) is written once per search, so no key is overwritten while a later beam still reads it;
@@ -37,7 +38,7 @@ Static decoding state (per graph key ``(beam, sentence bucket, source capacity, 
   row b's input into (row b, column t) and the step kernel reads the K - 1 before it from rows ``kv_rows[b, s]``
   (``dynamic_conv_step_rows``; the step is a device tensor): nothing is copied when beams are reordered. Steps
   before the first read as zeros, as upstream's truncated first steps;
-* encoder-decoder K/V ``[layers, 2, N, H, S, D]`` computed once per batch. Keys are *left-aligned*: a left-padded
+* encoder-decoder K/V ``[layers, 2, N, H, S, Dp]`` computed once per batch. Keys are *left-aligned*: a left-padded
   source row keeps its real keys in columns ``[0, len)``; attention is a sum over keys, so moving them changes
   nothing but lets ``decode_attention`` mask by length. Beam rows of one sentence share them: never reordered.
 
@@ -89,6 +90,11 @@ from turboformer.runtime.cuda_graphs import bucket_for, capture
 QUANTIZE = (None, "int8")
 MAX_SOURCE_GRAPHS = 64  # source lengths captured per slot (encoder graphs); further lengths encode eagerly
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Attention heads are stored padded to a multiple of 16 elements (62 -> 64 at the WMT size): a key or value row
+# then starts on a 32-byte boundary and the kernels load it with 16-byte vectors, where a 62-wide row takes 62
+# scalar loads and as many 64-bit addresses (on the H200 the self-attention over 65 keys took 13.2 us unpadded
+# and 5.8 us padded, same kernel; see BENCHMARKS.md)
+HEAD_ALIGN = 16
 
 
 @dataclass(frozen=True)
@@ -119,10 +125,32 @@ def _ln(norm: torch.nn.LayerNorm, dtype: torch.dtype) -> tuple[Tensor, Tensor, f
     return norm.weight.detach().to(dtype).contiguous(), norm.bias.detach().to(dtype).contiguous(), norm.eps
 
 
+def padded_head_dim(head_dim: int) -> int:
+    """The head width the engine stores: ``head_dim`` rounded up to a multiple of ``HEAD_ALIGN``."""
+    return -(-head_dim // HEAD_ALIGN) * HEAD_ALIGN
+
+
+def _pad_heads(weight: Tensor, heads: int, head_dim: int) -> Tensor:
+    """A projection's ``[heads * head_dim, ...]`` weight (or bias) with each head's rows padded to
+    ``padded_head_dim(head_dim)``: zero rows (and zero bias) in the new lanes. A query, key or value projected by
+    them carries exact zeros there, so every dot product, softmax and weighted sum is unchanged; the attention
+    kernels store only the first head_dim lanes of their output (``out``/``out_dim``), so the out-projections
+    keep the model's weights (and their INT8 groups)."""
+    padded = padded_head_dim(head_dim)
+    if padded == head_dim:
+        return weight.detach()
+    rest = weight.shape[1:]
+    out = weight.detach().new_zeros(heads, padded, *rest)
+    out[:, :head_dim] = weight.detach().reshape(heads, head_dim, *rest)
+    return out.reshape(heads * padded, *rest)
+
+
 def _qkv(module: MultiheadAttention) -> tuple[Tensor, Tensor]:
-    """A self-attention module's q, k, v projections as one: (W [3 d, d], b [3 d])."""
+    """A self-attention module's q, k, v projections as one, heads padded (:func:`_pad_heads`): (W [3 H Dp, d],
+    b [3 H Dp])."""
     qkv = [module.q_proj, module.k_proj, module.v_proj]
-    return torch.cat([p.weight for p in qkv]).detach(), torch.cat([p.bias for p in qkv]).detach()
+    H, D = module.heads, module.head_dim
+    return (torch.cat([_pad_heads(p.weight, H, D) for p in qkv]), torch.cat([_pad_heads(p.bias, H, D) for p in qkv]))
 
 
 def _block_diagonal(blocks: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
@@ -148,11 +176,12 @@ def _linear_or_identity(linear: torch.nn.Linear | None, dim: int, device) -> tup
 
 @dataclass
 class _AttentionBranch:
-    in_offset: int  # columns [in_offset, in_offset + 3 d) of the fused in-projection are q, k, v
+    in_offset: int  # columns [in_offset, in_offset + 3 H Dp) of the fused in-projection are q, k, v (heads padded)
     out_offset: int  # columns [out_offset, out_offset + d) of the out-projection's input are its output
-    dim: int
+    dim: int  # its channels: heads x head_dim (its columns of the out-projection's input)
     heads: int
-    group: tuple[int, int]  # (heads, head_dim): the self-attention cache tensor it lives in
+    head_dim: int  # the model's (the softmax scale's); stored padded to group[1]
+    group: tuple[int, int]  # (heads, padded head_dim): the self-attention cache tensor it lives in
     index: int  # its index in that tensor
 
 
@@ -194,9 +223,9 @@ class _Slot:
     source_len: int  # encoder key capacity
     target_len: int  # decoder positions capacity (>= max_len + 1)
     state: BeamSearchState
-    self_kv: dict  # (H, D) -> [n, 2, N, H, L, D]
+    self_kv: dict  # (H, Dp) -> [n, 2, N, H, L, Dp]
     conv_history: Tensor | None  # [n_conv, N, L, C_max]
-    cross_kv: Tensor  # [layers, 2, N, H, S, D]
+    cross_kv: Tensor  # [layers, 2, N, H, S, Dp]
     cross_lengths: Tensor  # [N] int64, real source tokens of each row
     self_lengths: Tensor  # [N] int64: step + 1
     beam_rows: Tensor  # [N] int64: the sentence of each row (arange(sentences) repeated beam times)
@@ -252,10 +281,12 @@ class LiteTransformerEngine:
         self.conv_dim_max = self.n_conv = 0
         self.layers = [self._convert(layer, dtype, int8) for layer in decoder.layers]
         self.cross_heads, self.cross_head_dim = self.layers[0].cross_heads, decoder.layers[0].cross_attn.head_dim
-        # every layer's encoder-decoder K and V projections as one GEMM over the encoder output: [L 2 H D, C_enc]
+        self.cross_head_padded = padded_head_dim(self.cross_head_dim)  # stored width (HEAD_ALIGN)
+        # every layer's encoder-decoder K and V projections as one GEMM over the encoder output: [L 2 H Dp, C_enc]
         projections = [p for layer in decoder.layers for p in (layer.cross_attn.k_proj, layer.cross_attn.v_proj)]
-        self.cross_kv_weight = torch.cat([p.weight for p in projections]).detach()
-        self.cross_kv_bias = torch.cat([p.bias for p in projections]).detach()
+        H, D = self.cross_heads, self.cross_head_dim
+        self.cross_kv_weight = torch.cat([_pad_heads(p.weight, H, D) for p in projections])
+        self.cross_kv_bias = torch.cat([_pad_heads(p.bias, H, D) for p in projections])
         self.use_graphs = options.cuda_graphs and self.device.type == "cuda"
         self.slots: dict[tuple[int, int, int, int], _Slot] = {}
         self.graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
@@ -268,13 +299,14 @@ class LiteTransformerEngine:
         in_blocks, out_blocks, branches, offset, out_offset = [], [], [], 0, 0
         for module, dim in zip(layer.lsra.branches, layer.lsra.dims):
             if isinstance(module, MultiheadAttention):
+                H, D = module.heads, module.head_dim
                 in_blocks.append(_qkv(module))
                 out_blocks.append(_linear_or_identity(module.out_proj, dim, device))
-                group = (module.heads, module.head_dim)
+                group = (H, padded_head_dim(D))
                 index = self.attn_groups.get(group, 0)
                 self.attn_groups[group] = index + 1
-                branches.append(_AttentionBranch(offset, out_offset, dim, module.heads, group, index))
-                offset += 3 * dim
+                branches.append(_AttentionBranch(offset, out_offset, dim, H, D, group, index))
+                offset += 3 * H * group[1]
             else:
                 assert isinstance(module, (DynamicConv, LightweightConv))
                 in_blocks.append(_linear_or_identity(module.linear1, dim, device))
@@ -303,7 +335,8 @@ class LiteTransformerEngine:
             in_proj=PackedLinear(in_w, in_b, dtype, int8, int8_group),
             out_proj=PackedLinear(out_w, out_b, dtype, int8, int8_group),
             lsra_norm=_ln(layer.lsra_norm, dtype),
-            cross_q=PackedLinear.of(cross.q_proj, dtype, int8, group=int8_group),
+            cross_q=PackedLinear(_pad_heads(cross.q_proj.weight, cross.heads, cross.head_dim),
+                                 _pad_heads(cross.q_proj.bias, cross.heads, cross.head_dim), dtype, int8, int8_group),
             cross_out=PackedLinear.of(cross.out_proj, dtype, int8, group=int8_group),
             cross_heads=cross.heads,
             cross_norm=_ln(layer.cross_attn_norm, dtype),
@@ -375,13 +408,14 @@ class LiteTransformerEngine:
             d = branch.dim
             out = mixed[:, branch.out_offset : branch.out_offset + d]
             if isinstance(branch, _AttentionBranch):
-                H, D = branch.group
-                qkv = u[:, branch.in_offset : branch.in_offset + 3 * d]
-                q, k, v = (t.view(N, H, D) for t in qkv.split(d, dim=1))
-                cache = slot.self_kv[branch.group][branch.index]  # [2, N, H, L, D]
-                # this step's k, v go to (row b, column step) inside the attention launch
-                decode_attention(q, cache[0], cache[1], slot.self_lengths, D**-0.5, rows=rows, new_kv=(k, v),
-                                 out=out.view(N, H, D))  # fmt: skip
+                H, Dp = branch.group
+                qkv = u[:, branch.in_offset : branch.in_offset + 3 * H * Dp]
+                q, k, v = (t.view(N, H, Dp) for t in qkv.split(H * Dp, dim=1))
+                cache = slot.self_kv[branch.group][branch.index]  # [2, N, H, L, Dp]
+                # this step's k, v go to (row b, column step) inside the attention launch; the output drops the
+                # padded lanes (out is [N, H, head_dim])
+                decode_attention(q, cache[0], cache[1], slot.self_lengths, branch.head_dim**-0.5, rows=rows,
+                                 new_kv=(k, v), out=out.view(N, H, branch.head_dim))  # fmt: skip
                 continue
             width = 2 * d if branch.glu else d
             c = u[:, branch.in_offset : branch.in_offset + width]
@@ -409,20 +443,21 @@ class LiteTransformerEngine:
 
     def _cross(self, slot: _Slot, i: int, layer: _Layer, x: Tensor, pending: tuple) -> tuple[Tensor, Tensor]:
         """Encoder-decoder attention: (its output, the residual stream)."""
-        N, H, D = x.shape[0], self.cross_heads, self.cross_head_dim
-        kv = slot.cross_kv[i]  # [2, N, H, S, D]
+        N, H, D, Dp = x.shape[0], self.cross_heads, self.cross_head_dim, self.cross_head_padded
+        kv = slot.cross_kv[i]  # [2, N, H, S, Dp]
         if self._fused(layer.cross_q) and self._one_wave(slot):
             delta, norm = pending  # after the LSRA sublayer: its output and the LayerNorm to apply, both set
             # one launch: the add + LayerNorm, each head's query projection and the attention over the encoder
             # K/V of the sentence (its beam rows share them: group = beam)
             a, x = norm_cross_attention(x, delta, layer.cross_q.weight, layer.cross_q.bias, norm[:2], kv[0], kv[1],
                                         slot.cross_lengths, D**-0.5, group=slot.beam, eps=norm[2],
-                                        keep="sum" if self.pre_norm else "norm")  # fmt: skip
+                                        keep="sum" if self.pre_norm else "norm", out_dim=D)  # fmt: skip
         else:
             q, x = self._first_linear(x, pending, layer.cross_q)
             # the encoder K/V were written before the step: each split loads its first tile before it waits (PDL)
-            a = decode_attention(q.view(N, H, D), kv[0], kv[1], slot.cross_lengths, D**-0.5, prefetch="all")
-        return self._linear(layer.cross_out, a.reshape(N, H * D)), x
+            a = torch.empty(N, H, D, dtype=q.dtype, device=q.device)  # the unpadded lanes
+            decode_attention(q.view(N, H, Dp), kv[0], kv[1], slot.cross_lengths, D**-0.5, prefetch="all", out=a)
+        return self._linear(layer.cross_out, a.view(N, H * D)), x
 
     def _step(self, slot: _Slot) -> None:
         """One beam-search step for all rows of ``slot``: device work only (captured as the slot's graph)."""
@@ -472,8 +507,8 @@ class LiteTransformerEngine:
             history = None
             if self.n_conv:
                 history = torch.zeros(self.n_conv, N, L, self.conv_dim_max, dtype=dtype, device=dev)
-            H, D = self.cross_heads, self.cross_head_dim
-            cross_kv = torch.zeros(len(self.layers), 2, N, H, S, D, dtype=dtype, device=dev)
+            H, Dp = self.cross_heads, self.cross_head_padded
+            cross_kv = torch.zeros(len(self.layers), 2, N, H, S, Dp, dtype=dtype, device=dev)
             long = dict(dtype=torch.long, device=dev)
             beam_rows = torch.arange(sentences, device=dev).repeat_interleave(beam)
             slot = _Slot(sentences, beam, S, L, state, self_kv, history, cross_kv,
@@ -525,7 +560,7 @@ class LiteTransformerEngine:
         out = out.gather(1, order[..., None].expand_as(out))
         slot.cross_lengths.copy_((~pad).sum(dim=1).index_select(0, slot.beam_rows))
         # every layer's K and V in one GEMM ([sentences, S, L 2 H D]), then one copy into the beam rows
-        L, H, D = len(self.layers), self.cross_heads, self.cross_head_dim
+        L, H, D = len(self.layers), self.cross_heads, self.cross_head_padded
         kv = F.linear(out, self.cross_kv_weight, self.cross_kv_bias).view(slot.sentences, S, L, 2, H, D)
         kv = kv.permute(2, 3, 0, 4, 1, 5)[:, :, :, None]  # [L, 2, sentences, 1, H, S, D]
         by_beam = slot.cross_kv.view(L, 2, slot.sentences, slot.beam, H, slot.cross_kv.shape[-2], D)
