@@ -92,8 +92,9 @@ MAX_SOURCE_GRAPHS = 64  # source lengths captured per slot (encoder graphs); fur
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Attention heads are stored padded to a multiple of 16 elements (62 -> 64 at the WMT size): a key or value row
 # then starts on a 32-byte boundary and the kernels load it with 16-byte vectors, where a 62-wide row takes 62
-# scalar loads and as many 64-bit addresses (on the H200 the self-attention over 65 keys took 13.2 us unpadded
-# and 5.8 us padded, same kernel; see BENCHMARKS.md)
+# scalar loads and as many 64-bit addresses (on the H200 the engine's self-attention over 65 keys took 13.2 us
+# unpadded, a scratch kernel of the same structure 5.8 us padded; 16 x 32 x beam 4 ~16.9 -> ~15.9 ms; see
+# BENCHMARKS.md)
 HEAD_ALIGN = 16
 
 
@@ -559,11 +560,11 @@ class LiteTransformerEngine:
         order = torch.sort(pad.to(torch.uint8), dim=1, stable=True).indices  # real tokens first, in order
         out = out.gather(1, order[..., None].expand_as(out))
         slot.cross_lengths.copy_((~pad).sum(dim=1).index_select(0, slot.beam_rows))
-        # every layer's K and V in one GEMM ([sentences, S, L 2 H D]), then one copy into the beam rows
-        L, H, D = len(self.layers), self.cross_heads, self.cross_head_padded
-        kv = F.linear(out, self.cross_kv_weight, self.cross_kv_bias).view(slot.sentences, S, L, 2, H, D)
-        kv = kv.permute(2, 3, 0, 4, 1, 5)[:, :, :, None]  # [L, 2, sentences, 1, H, S, D]
-        by_beam = slot.cross_kv.view(L, 2, slot.sentences, slot.beam, H, slot.cross_kv.shape[-2], D)
+        # every layer's K and V in one GEMM ([sentences, S, L 2 H Dp]; heads padded), then one copy into the beam rows
+        L, H, Dp = len(self.layers), self.cross_heads, self.cross_head_padded
+        kv = F.linear(out, self.cross_kv_weight, self.cross_kv_bias).view(slot.sentences, S, L, 2, H, Dp)
+        kv = kv.permute(2, 3, 0, 4, 1, 5)[:, :, :, None]  # [L, 2, sentences, 1, H, S, Dp]
+        by_beam = slot.cross_kv.view(L, 2, slot.sentences, slot.beam, H, slot.cross_kv.shape[-2], Dp)
         by_beam[..., :S, :].copy_(kv.expand(-1, -1, -1, slot.beam, -1, -1, -1))
 
     @torch.inference_mode()
